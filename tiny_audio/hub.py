@@ -1,0 +1,274 @@
+"""Every call to the Hugging Face Hub, behind retries; plus the token rules (require it, never leak it).
+
+Nothing else in the project imports `huggingface_hub` for network I/O: the checkpoint store, `eval` and
+`transcribe` go through `HubRepo`, and everything past it sees local paths.
+
+Retries: 408/429/5xx answers, timeouts and dropped connections are retried with exponential backoff and
+full jitter (tenacity); anything else (401, 404, a bad request) fails at once, since waiting cannot fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx2
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_when_event_set,
+    wait_random_exponential,
+)
+
+from tiny_audio.errors import UserError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# Hub user tokens look like hf_XXXX (30+ characters); scrubbed even when nobody told us the value.
+_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+# Keys whose values are secrets whatever they hold (HF_TOKEN, WANDB_API_KEY, "token", "password", ...).
+_SECRET_KEY = re.compile(r"token|api_key|apikey|secret|password|authorization", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+# --- tokens ---------------------------------------------------------------------------------------------
+
+
+def is_hub_repo(target: str | None) -> bool:
+    """`user/name` or `hf://user/name` is a Hub repo; None, `file:///...` and local paths are not."""
+    return target is not None and (target.startswith("hf://") or re.fullmatch(r"[\w.-]+/[\w.-]+", target) is not None)
+
+
+def repo_id_of(target: str) -> str:
+    """`hf://user/name` or `user/name` -> `user/name`."""
+    return target.removeprefix("hf://")
+
+
+def require_token(target: str | None, token: str | None, *, write: bool = True) -> None:
+    """Raise a UserError before any transfer when `target` is a Hub repo that needs HF_TOKEN and none is set.
+
+    Writing (checkpoints) always needs a token; reading (`write=False`) works without one for public repos,
+    so it is only required there when the caller knows the repo is private.
+    """
+    if is_hub_repo(target) and write and not token:
+        raise UserError(
+            f"pushing checkpoints to the Hub repo {repo_id_of(target or '')} needs a token: set HF_TOKEN "
+            "(a write token from https://huggingface.co/settings/tokens), or set training.hub_model_id to "
+            "file:///abs/path or leave it unset to keep checkpoints on disk"
+        )
+
+
+def scrub(value: T, *, secrets: Iterable[str | None] = ()) -> T:
+    """A copy of `value` (str, or dicts/lists/tuples of them) with every secret replaced by `<redacted>`.
+
+    Removed: the given secret values wherever they occur, anything shaped like a Hub token (`hf_...`), and
+    the values of keys named like secrets (`token`, `HF_TOKEN`, `api_key`, `password`, ...).
+    """
+    known = sorted({s for s in secrets if s}, key=len, reverse=True)
+    return _scrub(value, known)
+
+
+def _scrub(value: Any, known: list[str]) -> Any:
+    if isinstance(value, str):
+        for secret in known:
+            value = value.replace(secret, REDACTED)
+        return _TOKEN_PATTERN.sub(REDACTED, value)
+    if isinstance(value, Mapping):
+        return {
+            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v else _scrub(v, known))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(_scrub(v, known) for v in value)
+    return value
+
+
+class ScrubFilter(logging.Filter):
+    """A logging filter that removes secrets from every record's message (attach it to the handlers)."""
+
+    def __init__(self, *, secrets: Iterable[str | None] = ()) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = scrub(message, secrets=self.secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+# --- retries --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard one Hub call is retried: up to `attempts` tries, waits random in [0, initial_s * 2^n], <= max_s."""
+
+    attempts: int = 6
+    initial_s: float = 2.0
+    max_s: float = 60.0
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors that waiting can fix: 408/429/5xx, timeouts, refused or dropped connections."""
+    if isinstance(exc, HfHubHTTPError):
+        response = exc.response
+        return response is not None and response.status_code in RETRYABLE_STATUS
+    if isinstance(exc, httpx2.TransportError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, LocalEntryNotFoundError):
+        # snapshot_download turns a failed listing into "not in the local cache"; the cause says why
+        return exc.__cause__ is not None and is_retryable(exc.__cause__)
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """One line for logs: the error's class and first line, with secrets removed."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return scrub(f"{type(exc).__name__}: {first}")
+
+
+@dataclass
+class HubRepo:
+    """One Hub model repo, every call retried. `cancel` set -> pending retries stop at once (shutdown)."""
+
+    repo_id: str
+    token: str | None
+    revision: str = "main"
+    endpoint: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.api = HfApi(endpoint=self.endpoint, token=self.token)
+
+    # The one place calls are retried.
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0.0
+            log.warning(
+                "hub: %s on %s failed (%s); retry %d/%d in %.1f s",
+                what,
+                self.repo_id,
+                describe(exc) if exc else "?",
+                state.attempt_number,
+                self.retry.attempts - 1,
+                wait,
+            )
+
+        retrying = Retrying(
+            retry=retry_if_exception(is_retryable),
+            wait=wait_random_exponential(multiplier=self.retry.initial_s, max=self.retry.max_s),
+            stop=stop_any(stop_after_attempt(self.retry.attempts), stop_when_event_set(self.cancel)),
+            sleep=self.cancel.wait,  # a set cancel event cuts the wait short
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def ensure_exists(self, *, private: bool) -> None:
+        """Create the repo if it does not exist (a UserError when the token may not)."""
+        try:
+            self._call(
+                "create_repo",
+                lambda: self.api.create_repo(self.repo_id, private=private, exist_ok=True, repo_type="model"),
+            )
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status in (401, 403):
+                raise UserError(
+                    f"cannot create or write the Hub repo {self.repo_id} (HTTP {status}): check that HF_TOKEN is a "
+                    "write token for that namespace"
+                ) from None
+            raise
+
+    def has_file(self, path_in_repo: str) -> bool:
+        """Whether the repo's revision holds `path_in_repo` (False when the repo itself does not exist)."""
+        try:
+            return self._call(
+                "file_exists",
+                lambda: self.api.file_exists(self.repo_id, path_in_repo, revision=self.revision),
+            )
+        except RepositoryNotFoundError:
+            return False
+
+    def download_file(self, path_in_repo: str, *, local_dir: Path) -> Path | None:
+        """Download one file into `local_dir` (keeping its repo path); None when the repo or file is absent."""
+        try:
+            return Path(
+                self._call(
+                    f"download {path_in_repo}",
+                    lambda: hf_hub_download(
+                        self.repo_id,
+                        path_in_repo,
+                        revision=self.revision,
+                        local_dir=local_dir,
+                        endpoint=self.endpoint,
+                        token=self.token,
+                    ),
+                )
+            )
+        except (RepositoryNotFoundError, EntryNotFoundError):
+            return None
+
+    def download(
+        self, *, local_dir: Path, allow_patterns: list[str] | None = None, ignore_patterns: list[str] | None = None
+    ) -> Path:
+        """snapshot_download the matching files into `local_dir` (emptied first, so nothing stale survives).
+
+        Resume takes `allow_patterns=["last-checkpoint/*"]`; loading a model takes
+        `ignore_patterns=["last-checkpoint/*"]` (the root holds the loadable model).
+        """
+        # snapshot_download returns an existing local_dir as-is when the Hub cannot be reached: never let a
+        # stale copy pass for a fresh download.
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        return Path(
+            self._call(
+                "snapshot_download",
+                lambda: snapshot_download(
+                    self.repo_id,
+                    revision=self.revision,
+                    allow_patterns=allow_patterns,
+                    ignore_patterns=ignore_patterns,
+                    local_dir=local_dir,
+                    endpoint=self.endpoint,
+                    token=self.token,
+                ),
+            )
+        )
+
+    def upload_folder(self, folder: Path, *, message: str, delete_patterns: list[str] | None = None) -> str | None:
+        """Upload `folder` as ONE commit (deleting remote files matching `delete_patterns` in it); its oid."""
+        info = self._call(
+            "upload_folder",
+            lambda: self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=folder,
+                revision=self.revision,
+                commit_message=message,
+                delete_patterns=delete_patterns,
+            ),
+        )
+        return getattr(info, "oid", None)
