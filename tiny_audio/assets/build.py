@@ -1,0 +1,83 @@
+"""Regenerate the shipped assets: `python -m tiny_audio.assets.build [tiny|mini|all] [--no-corpus]`.
+
+tiny (~15 s): 400 + 40 espeak-ng utterances, a byte-level BPE tokenizer, RANDOM miniature encoder and decoder.
+mini (see tiny_audio/assets/mini_build.py for its timing): a larger corpus and PRETRAINED miniature models.
+
+Everything is seeded: a rebuild gives the same sentences, tokenizer and weights, and audio that decodes to the
+same samples. `--no-corpus` keeps the shipped corpus and rebuilds only what is derived from its sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from tiny_audio.assets import ASSETS_DIR, corpus, grammar, models
+from tiny_audio.assets.tokenizer import train_tokenizer
+
+# The trainer's default user-turn instruction (ModelConfig.instruction); the tokenizer learns it as tokens.
+INSTRUCTION = "Transcribe the audio."
+
+TINY_SEED = 0
+TINY_TRAIN, TINY_EVAL = 400, 40
+TINY_VOCAB = 768
+TINY_ENCODER = models.EncoderSpec(hidden_size=64, num_layers=2, num_heads=4)
+TINY_DECODER = models.DecoderSpec(hidden_size=64, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def tiny_sentences() -> tuple[list[str], list[str]]:
+    """(train, eval) sentences of the tiny corpus; no eval sentence occurs in train."""
+    sentences = grammar.sentences(count=TINY_TRAIN + TINY_EVAL, seed=TINY_SEED)
+    return sentences[:TINY_TRAIN], sentences[TINY_TRAIN:]
+
+
+def build_tiny(*, out_dir: Path, with_corpus: bool = True) -> dict[str, float]:
+    """Write `out_dir/{data,encoder,decoder}`; returns figures (clips, seconds, megabytes) for the log."""
+    train_texts, eval_texts = tiny_sentences()
+    figures: dict[str, float] = {}
+    if with_corpus:
+        figures |= corpus.build_corpus(
+            train_texts=train_texts,
+            eval_texts=eval_texts,
+            out_dir=out_dir / "data",
+            seed=TINY_SEED,
+            train_shards=4,
+            codec="VORBIS",
+            compression_level=1.0,
+        )
+    tokenizer = train_tokenizer(texts=[*train_texts, INSTRUCTION], vocab_size=TINY_VOCAB)
+    models.save_decoder(
+        models.build_decoder(spec=TINY_DECODER, tokenizer=tokenizer, seed=TINY_SEED), tokenizer, out_dir / "decoder"
+    )
+    models.save_encoder(models.build_encoder(spec=TINY_ENCODER, seed=TINY_SEED), out_dir / "encoder")
+    figures["model_megabytes"] = (
+        sum(f.stat().st_size for sub in ("encoder", "decoder") for f in (out_dir / sub).iterdir()) / 1e6
+    )
+    return figures
+
+
+@click.command()
+@click.argument("which", type=click.Choice(["tiny", "mini", "all"]), default="tiny")
+@click.option("--no-corpus", is_flag=True, help="Keep the shipped speech corpus; rebuild tokenizer and models.")
+def main(which: str, no_corpus: bool) -> None:
+    """Regenerate the shipped miniature assets under tiny_audio/assets/."""
+    if not no_corpus and corpus.espeak_binary() is None:
+        sys.exit("espeak-ng is not installed (apt-get install espeak-ng), or pass --no-corpus")
+    builders = {"tiny": build_tiny}
+    if which in ("mini", "all"):
+        from tiny_audio.assets.mini_build import build_mini
+
+        builders["mini"] = build_mini
+    for name in ("tiny", "mini") if which == "all" else (which,):
+        start = time.perf_counter()
+        figures = builders[name](out_dir=ASSETS_DIR / name, with_corpus=not no_corpus)
+        figures["build_seconds"] = round(time.perf_counter() - start, 1)
+        click.echo(f"{name}: {json.dumps({k: round(v, 2) for k, v in figures.items()})}")
+
+
+if __name__ == "__main__":
+    main()
