@@ -51,7 +51,7 @@ def api() -> Iterator[FakeRunPod]:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     state = FakeRunPod(url=f"http://127.0.0.1:{server.server_address[1]}/v1")
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield state
     server.shutdown()
@@ -148,6 +148,16 @@ def test_finished_checkpoint_is_the_latest_and_final(tmp_path: Path) -> None:
     (tmp_path / "zz").mkdir()
     (tmp_path / "zz" / runpod.TRAIN_STATE_FILE).write_text("{")
     assert runpod.finished_checkpoint(tmp_path) is None
+
+
+def test_finished_checkpoint_reads_the_checkpoint_store_layout(tmp_path: Path) -> None:
+    from tiny_audio import checkpoint
+
+    assert runpod.RESUME_DIR == checkpoint.RESUME_DIR
+    _checkpoint(tmp_path, f"step-00000100/{checkpoint.RESUME_DIR}", {"step": 100, "final": True})
+    assert runpod.finished_checkpoint(tmp_path) == tmp_path / "step-00000100"
+    _checkpoint(tmp_path, f".tmp-step-00000200/{checkpoint.RESUME_DIR}", {"step": 200})  # being written
+    assert runpod.finished_checkpoint(tmp_path) == tmp_path / "step-00000100"
 
 
 def test_finished_command_exit_codes(tmp_path: Path) -> None:

@@ -35,6 +35,8 @@ from tiny_audio.errors import UserError
 OnFinish = Literal["exit", "sleep", "stop", "terminate"]
 DEFAULT_API_URL = "https://rest.runpod.io/v1"
 TRAIN_STATE_FILE = "train_state.json"
+# = tiny_audio.checkpoint.RESUME_DIR, not imported: that module pulls in torch, and start.sh wants this fast.
+RESUME_DIR = "last-checkpoint"
 _T = TypeVar("_T")
 
 
@@ -137,23 +139,29 @@ def _call(method: str, url: str, *, api_key: str, attempts: int, wait_s: float, 
 
 
 def finished_checkpoint(checkpoints_dir: Path, *, state_file: str = TRAIN_STATE_FILE) -> Path | None:
-    """The latest checkpoint under `checkpoints_dir` if its train state says `final: true`, else None.
+    """The latest checkpoint under `checkpoints_dir` (OUTPUT_DIR/checkpoints) if its train state says `final: true`.
 
-    A checkpoint is a sub-directory holding `state_file` (JSON with at least `step`); the latest is the one with
-    the highest step, whatever the directories are called. No checkpoints, or a latest one that is not final
-    (the run was interrupted and must resume), gives None.
+    A checkpoint is a sub-directory holding `state_file` (JSON with at least `step`), directly or in its
+    `last-checkpoint/` (tiny_audio.checkpoint's layout); the latest is the one with the highest step, whatever
+    the directories are called. Hidden directories (a checkpoint still being written) are ignored. No
+    checkpoint, or a latest one that is not final (an interrupted run, which must resume), gives None.
     """
     latest: tuple[int, Path, bool] | None = None
-    for path in sorted(Path(checkpoints_dir).glob(f"*/{state_file}")):
+    for path in sorted(Path(checkpoints_dir).glob(f"*/{state_file}")) + sorted(
+        Path(checkpoints_dir).glob(f"*/{RESUME_DIR}/{state_file}")
+    ):
+        checkpoint = path.parent.parent if path.parent.name == RESUME_DIR else path.parent
+        if checkpoint.name.startswith("."):
+            continue
         try:
             state = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
-            continue  # a checkpoint being written when the container died; an older one decides
+            continue  # unreadable: an older checkpoint decides
         step = state.get("step") if isinstance(state, dict) else None
         if not isinstance(step, int):
             continue
         if latest is None or step > latest[0]:
-            latest = (step, path.parent, state.get("final") is True)
+            latest = (step, checkpoint, state.get("final") is True)
     if latest is None or not latest[2]:
         return None
     return latest[1]
