@@ -115,6 +115,10 @@ class DataConfig(Section):
     """Held-out source for eval loss and WER (None disables evaluation)."""
     eval_samples: int = Field(200, ge=1)
     """Fixed number of held-out samples used at every evaluation."""
+    eval_wer_samples: int = Field(64, ge=0)
+    """Held-out samples greedily transcribed for WER at every evaluation (0: loss only)."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Longest transcript generated for WER and `transcribe`."""
     min_seconds: float = Field(0.3, ge=0)
     """Clips shorter than this are dropped."""
     max_seconds: float = Field(30.0, gt=0, le=30.0)

@@ -1,0 +1,137 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperFeatureExtractor
+
+from tiny_audio.config import load_config
+from tiny_audio.model import asr as asr_module
+from tiny_audio.model.asr import IGNORE, ASRModel
+from tiny_audio.model.loading import build_model, parameter_report
+
+TEXTS = ["the quick brown fox", "a tiny model learns to listen"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dirs: tuple[Path, Path]) -> ASRModel:
+    encoder, decoder = tiny_model_dirs
+    cfg = load_config("tiny", [f"model.encoder_id={encoder}", f"model.decoder_id={decoder}", "projector.hidden_dim=32"])
+    return build_model(cfg, device=torch.device("cpu"))
+
+
+def audio_batch(seconds: tuple[float, ...] = (1.0, 0.6), seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([int(s * 16000) for s in seconds])
+    audio = torch.zeros(len(seconds), int(lengths.max()))
+    for i, n in enumerate(lengths.tolist()):
+        audio[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return audio, lengths
+
+
+def test_only_the_projector_trains(model: ASRModel) -> None:
+    report = {part: (trainable, frozen) for part, trainable, frozen in parameter_report(model)}
+    assert report["encoder"][0] == 0 and report["decoder"][0] == 0
+    assert report["projector"][0] > 0 and report["projector"][1] == 0
+    audio, lengths = audio_batch()
+    model.zero_grad(set_to_none=True)
+    model(audio, lengths, TEXTS).loss_sum.backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == name.startswith("projector."), name
+    assert all(param.grad.abs().sum() > 0 for param in model.projector.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+def test_labels_cover_only_the_transcript_and_end_of_turn(model: ASRModel) -> None:
+    tok = model.prompt.tokenizer
+    expected = [len(tok(t, add_special_tokens=False).input_ids) + 1 for t in TEXTS]
+    audio, lengths = audio_batch()
+    out = model(audio, lengths, TEXTS)
+    assert out.num_tokens == sum(expected)
+    assert model.prompt.labels(TEXTS[0])[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_loss_equals_full_logits_reference_with_prompt_masked(model: ASRModel, monkeypatch) -> None:
+    audio, lengths = audio_batch()
+    with torch.no_grad():
+        fast = model(audio, lengths, TEXTS)
+        # Reference: full logits at every position, standard shifted cross-entropy, -100 outside the transcript.
+        embeddings, num_audio, _ = model.encode(audio, lengths)
+        total = 0.0
+        for i, text in enumerate(TEXTS):
+            prompt = model.prompt.prompt(int(num_audio[i]))
+            labels = model.prompt.labels(text)
+            ids = torch.tensor([prompt + labels])
+            target = torch.tensor([[IGNORE] * len(prompt) + labels])
+            embeds = model.splice(ids, embeddings[i : i + 1], num_audio[i : i + 1])
+            logits = model.decoder(inputs_embeds=embeds).logits
+            total += torch.nn.functional.cross_entropy(
+                logits[0, :-1], target[0, 1:], ignore_index=IGNORE, reduction="sum"
+            ).item()
+    assert fast.loss_sum.item() == pytest.approx(total, rel=1e-4)
+    monkeypatch.setattr(asr_module, "LOSS_CHUNK", 3)  # many chunks: same sum
+    with torch.no_grad():
+        chunked = model(audio, lengths, TEXTS)
+    assert chunked.loss_sum.item() == pytest.approx(total, rel=1e-4)
+
+
+def test_batch_padding_does_not_change_the_loss(model: ASRModel) -> None:
+    audio, lengths = audio_batch((1.0, 0.45))
+    with torch.no_grad():
+        together = model(audio, lengths, TEXTS).loss_sum.item()
+        alone = sum(
+            model(audio[i : i + 1, : lengths[i]], lengths[i : i + 1], TEXTS[i : i + 1]).loss_sum.item()
+            for i in range(2)
+        )
+    assert together == pytest.approx(alone, rel=1e-4)
+
+
+def test_training_prompt_is_the_generation_prompt(model: ASRModel) -> None:
+    seen: list[torch.Tensor] = []
+    hook = model.decoder.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("inputs_embeds")), with_kwargs=True
+    )
+    audio, lengths = audio_batch((0.8,))
+    try:
+        with torch.no_grad():
+            model(audio, lengths, TEXTS[:1])
+            model.generate(audio, lengths, max_new_tokens=2)
+    finally:
+        hook.remove()
+    train_embeds, generate_embeds = seen[0], seen[1]  # generation's first call is the prompt, then token ids
+    assert seen[2] is None
+    prompt_len = generate_embeds.shape[1]
+    torch.testing.assert_close(train_embeds[:, :prompt_len], generate_embeds)
+    text = model.prompt.tokenizer.decode(model.prompt.prompt(2))
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "<think>" not in text and "Transcribe the audio. <audio><audio>" in text
+
+
+def test_log_mel_matches_the_whisper_feature_extractor() -> None:
+    extractor = WhisperFeatureExtractor(feature_size=128)
+    from tiny_audio.model.features import LogMel
+
+    rng = np.random.default_rng(0)
+    clip = (0.1 * rng.standard_normal(16000 * 2)).astype(np.float32)
+    # Whisper pads every clip with zeros to 30 s; the first 2 s of its features are the clip's.
+    reference = extractor(clip, sampling_rate=16000, return_tensors="np").input_features[0, :, :200]
+    ours, frames = LogMel(extractor=extractor)(torch.from_numpy(clip)[None], torch.tensor([clip.size]))
+    assert int(frames[0]) == reference.shape[-1] == 200
+    np.testing.assert_allclose(ours[0, :, :200].numpy(), reference, atol=2e-4)
+
+
+def test_encoder_output_of_a_padded_batch_equals_the_clip_alone(model: ASRModel) -> None:
+    audio, lengths = audio_batch((1.0, 0.52))
+    with torch.no_grad():
+        features, frames = model.log_mel(audio, lengths)
+        hidden, enc_lengths = model.encoder(features, frames)
+        f1, fr1 = model.log_mel(audio[1:, : lengths[1]], lengths[1:])
+        alone, _ = model.encoder(f1, fr1)
+    n = int(enc_lengths[1])
+    torch.testing.assert_close(hidden[1, :n], alone[0, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_generate_returns_one_string_per_clip(model: ASRModel) -> None:
+    audio, lengths = audio_batch((0.7, 0.4, 0.9))
+    out = model.generate(audio, lengths, max_new_tokens=3)
+    assert len(out) == 3 and all(isinstance(t, str) for t in out)

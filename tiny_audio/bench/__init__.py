@@ -1,0 +1,1 @@
+"""Benchmark scripts (run by `make bench`); they print figures and assert nothing."""

@@ -1,0 +1,67 @@
+"""Held-out evaluation: loss over the eval set, and WER of greedy transcripts after English normalisation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import jiwer
+import torch
+
+from tiny_audio.model.asr import ASRModel
+from tiny_audio.text import normalize_for_wer
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    wer: float | None
+    num_samples: int
+    examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis)
+
+    def metrics(self) -> dict[str, float]:
+        out = {"eval/loss": self.loss}
+        if self.wer is not None:
+            out["eval/wer"] = self.wer
+        return out
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER after normalisation; a reference that normalises to nothing is left out."""
+    pairs = [(normalize_for_wer(r), normalize_for_wer(h)) for r, h in zip(references, hypotheses, strict=True)]
+    pairs = [(r, h) for r, h in pairs if r]
+    if not pairs:
+        return float("nan")
+    refs, hyps = zip(*pairs, strict=True)
+    return float(jiwer.wer(list(refs), list(hyps)))
+
+
+@torch.no_grad()
+def evaluate(
+    model: ASRModel,
+    batches: Iterable,
+    *,
+    device: torch.device,
+    wer_samples: int,
+    max_new_tokens: int,
+    autocast: torch.autocast,
+) -> EvalResult:
+    """Token-normalised loss over every batch; greedy WER over the first `wer_samples` samples."""
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, refs, hyps = 0.0, 0, [], []
+    for batch in batches:
+        audio, lengths = batch.audio.to(device), batch.audio_lengths.to(device)
+        with autocast:
+            out = model(audio, lengths, batch.texts)
+            loss_sum += float(out.loss_sum)
+            tokens += out.num_tokens
+            take = min(len(batch.texts), wer_samples - len(refs))
+            if take > 0:
+                hyps += model.generate(audio[:take], lengths[:take], max_new_tokens=max_new_tokens)
+                refs += batch.texts[:take]
+    model.train(was_training)
+    wer = word_error_rate(refs, hyps) if refs else None
+    return EvalResult(
+        loss=loss_sum / max(tokens, 1), wer=wer, num_samples=len(refs), examples=list(zip(refs, hyps, strict=True))[:4]
+    )

@@ -1,0 +1,1 @@
+"""The ASR model: frozen audio encoder -> trainable projector -> frozen causal LM decoder."""

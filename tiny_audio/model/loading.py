@@ -1,0 +1,82 @@
+"""Config -> a ready ASRModel: resolve where each part lives, load the frozen parts, build the projector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from tiny_audio.config import Config
+from tiny_audio.model.asr import ASRModel, PromptBuilder
+from tiny_audio.model.encoder import load_encoder
+from tiny_audio.model.projectors import build_projector
+
+ASSET_SCHEME = "asset://"
+
+
+def resolve_model_path(ref: str, *, revision: str | None, token: str | None) -> Path:
+    """`asset://tiny/encoder` (shipped in the package), a local directory, or a Hub repo id -> a local directory."""
+    if ref.startswith(ASSET_SCHEME):
+        from tiny_audio.assets import resolve_asset
+
+        return Path(resolve_asset(ref))
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        return local
+    from tiny_audio import hub  # all network I/O lives there
+
+    return hub.download_model(ref, revision=revision, token=token)
+
+
+def load_tokenizer(path: Path, *, audio_token: str) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if audio_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([audio_token], special_tokens=True)
+    return tokenizer
+
+
+def embedding_rms(decoder: torch.nn.Module) -> float:
+    """Typical RMS of the decoder's token embeddings: the scale audio embeddings should arrive at."""
+    weight = decoder.get_input_embeddings().weight.detach().float()
+    return float(weight.pow(2).mean(dim=-1).sqrt().median())
+
+
+def build_model(
+    cfg: Config,
+    *,
+    device: torch.device,
+    frozen_dtype: torch.dtype = torch.float32,
+    token: str | None = None,
+) -> ASRModel:
+    """Load encoder + decoder (frozen, `frozen_dtype`) and build a fresh fp32 projector, all on `device`."""
+    m = cfg.model
+    encoder_path = resolve_model_path(m.encoder_id, revision=m.encoder_revision, token=token)
+    decoder_path = resolve_model_path(m.decoder_id, revision=m.decoder_revision, token=token)
+    encoder, extractor = load_encoder(
+        encoder_path, kind=m.encoder_type, attn_implementation=m.attn_implementation, dtype=frozen_dtype
+    )
+    tokenizer = load_tokenizer(decoder_path, audio_token=m.audio_token)
+    decoder = AutoModelForCausalLM.from_pretrained(
+        str(decoder_path), dtype=frozen_dtype, attn_implementation=m.attn_implementation
+    )
+    torch.manual_seed(cfg.training.seed)
+    projector = build_projector(
+        cfg.projector,
+        in_dim=encoder.hidden_size,
+        out_dim=decoder.get_input_embeddings().embedding_dim,
+        target_rms=embedding_rms(decoder),
+    )
+    prompt = PromptBuilder(tokenizer=tokenizer, instruction=m.instruction, audio_token=m.audio_token)
+    model = ASRModel(encoder=encoder, extractor=extractor, projector=projector, decoder=decoder, prompt=prompt)
+    return model.to(device)
+
+
+def parameter_report(model: ASRModel) -> list[tuple[str, int, int]]:
+    """(part, trainable, frozen) parameter counts, printed at start."""
+    rows = []
+    for name in ("encoder", "projector", "decoder"):
+        params = list(getattr(model, name).parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        rows.append((name, trainable, sum(p.numel() for p in params) - trainable))
+    return rows

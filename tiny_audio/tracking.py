@@ -1,0 +1,100 @@
+"""Experiment tracking: W&B when wanted, a do-nothing stand-in otherwise (no `if wandb:` in the loop).
+
+W&B never prompts: with WANDB_API_KEY it runs online, without it offline (files under OUTPUT_DIR/wandb, sync
+later with `wandb sync`), or not at all with tracking.mode=disabled / backend=none. The run id is kept in every
+checkpoint so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from tiny_audio.config import TrackingConfig
+
+
+class Tracker(Protocol):
+    run_id: str
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None: ...
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker:
+    def __init__(self, run: Any) -> None:
+        self.run = run
+        self.run_id: str = run.id
+
+    def log(self, metrics: dict[str, Any], *, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
+        import wandb
+
+        self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def resolve_mode(cfg: TrackingConfig) -> str:
+    if cfg.backend == "none":
+        return "disabled"
+    if cfg.mode != "auto":
+        return cfg.mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def new_run_id() -> str:
+    import secrets
+
+    return secrets.token_hex(4)
+
+
+def start_tracker(
+    cfg: TrackingConfig,
+    *,
+    run_id: str | None,
+    run_name: str,
+    config: dict[str, Any],
+    output_dir: Path,
+    is_main_process: bool,
+) -> Tracker:
+    """Start (or resume, same `run_id`) a run on the main process; every other process gets a NullTracker."""
+    run_id = run_id or new_run_id()
+    mode = resolve_mode(cfg)
+    if not is_main_process or mode == "disabled":
+        return NullTracker(run_id)
+    import wandb
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.run_name or run_name,
+        id=run_id,
+        resume="allow",
+        mode=mode,
+        dir=str(output_dir),
+        config=config,
+        settings=wandb.Settings(console="off", silent=True),
+    )
+    return WandbTracker(run)

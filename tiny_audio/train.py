@@ -1,0 +1,389 @@
+"""The training recipe: setup -> train_loop -> cleanup.
+
+`train_loop` is the whole loop in one function: data -> forward -> loss -> backward -> step -> log -> eval ->
+checkpoint. Everything it needs is built once in `setup` and held by a `Run`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from transformers import get_scheduler
+
+from tiny_audio.checkpoint import CheckpointStore, read_checkpoint, write_checkpoint
+from tiny_audio.config import Config
+from tiny_audio.data import build_eval_batches, build_train_stream
+from tiny_audio.errors import ConfigError, UserError
+from tiny_audio.evaluate import EvalResult, evaluate
+from tiny_audio.export import export_model
+from tiny_audio.hub import scrub
+from tiny_audio.model.asr import ASRModel
+from tiny_audio.model.loading import build_model, parameter_report
+from tiny_audio.signals import EXIT_STOPPED, StopSignal
+from tiny_audio.tracking import Tracker, start_tracker
+
+log = logging.getLogger("tiny_audio")
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+@dataclass
+class Run:
+    cfg: Config
+    accelerator: Accelerator
+    model: ASRModel  # possibly wrapped (DDP); `raw` is the ASRModel itself
+    raw: ASRModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    stream: Any
+    eval_batches: list
+    store: CheckpointStore
+    tracker: Tracker
+    grad_accum: int
+    output_dir: Path
+    secrets: list[str]
+    step: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # latest eval figures (model card, checkpoint)
+    best_wer: float | None = None
+    stop: StopSignal = field(default_factory=StopSignal)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    cuda = torch.cuda.is_available()
+    mixed = "bf16" if cuda and cfg.training.mixed_precision in ("auto", "bf16") else "no"
+    # gloo lets several CPU processes train together (tests, and machines without GPUs).
+    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=handlers)
+
+
+def gradient_accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step so that the global batch is what the config says, whatever the GPUs."""
+    micro = cfg.training.batch_size
+    global_batch = cfg.training.global_batch_size or micro * world_size
+    per_step = micro * world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"training.global_batch_size={global_batch} is not a multiple of training.batch_size x processes "
+            f"= {micro} x {world_size}; choose a global batch size divisible by {per_step}"
+        )
+    return global_batch // per_step
+
+
+def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> Run:
+    accelerator = make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    secrets = [token] if token else []
+    grad_accum = gradient_accumulation(cfg, accelerator.num_processes)
+    if is_main:
+        log.info("config:\n%s", json.dumps(scrub(cfg.to_dict(), secrets=secrets), indent=2))
+        log.info(
+            "processes: %d | micro-batch %d | accumulation %d | global batch %d",
+            accelerator.num_processes,
+            cfg.training.batch_size,
+            grad_accum,
+            cfg.training.batch_size * accelerator.num_processes * grad_accum,
+        )
+
+    cuda = accelerator.device.type == "cuda"
+    model = build_model(
+        cfg, device=accelerator.device, frozen_dtype=torch.bfloat16 if cuda else torch.float32, token=token
+    )
+    if is_main:
+        for part, trainable, frozen in parameter_report(model):
+            log.info("%-9s trainable %12s | frozen %12s", part, f"{trainable:,}", f"{frozen:,}")
+    t = cfg.training
+    params = [p for p in model.parameters() if p.requires_grad]  # the projector's only
+    optimizer = torch.optim.AdamW(
+        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, fused=cuda
+    )
+    scheduler = build_scheduler(cfg, optimizer)
+    if t.compile and cuda:
+        model.projector = torch.compile(model.projector, dynamic=True)
+        model.decoder = torch.compile(model.decoder, dynamic=True)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+
+    store = CheckpointStore.open(
+        target=target,
+        output_dir=output_dir,
+        token=token,
+        hub=cfg.hub,
+        keep=t.keep_checkpoints,
+        is_main_process=is_main,
+    )
+    stream = build_train_stream(
+        data=cfg.data,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        count_tokens=model.prompt.count_label_tokens,
+    )
+    eval_batches = (
+        build_eval_batches(data=cfg.data, batch_size=t.batch_size, count_tokens=model.prompt.count_label_tokens)
+        if cfg.data.eval is not None
+        else []
+    )
+    run = Run(
+        cfg=cfg,
+        accelerator=accelerator,
+        model=wrapped,
+        raw=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        stream=stream,
+        eval_batches=eval_batches,
+        store=store,
+        tracker=None,
+        grad_accum=grad_accum,  # type: ignore[arg-type]
+        output_dir=output_dir,
+        secrets=secrets,
+    )
+    run_id = resume(run) if t.resume else None
+    run.tracker = start_tracker(
+        cfg.tracking,
+        run_id=run_id,
+        run_name=cfg.experiment,
+        config=scrub(cfg.to_dict(), secrets=secrets),
+        output_dir=output_dir,
+        is_main_process=is_main,
+    )
+    return run
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
+    t = cfg.training
+    name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler]
+    extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine" else None
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=t.warmup_steps,
+        num_training_steps=t.max_steps,
+        scheduler_specific_kwargs=extra,
+    )
+
+
+def resume(run: Run) -> str | None:
+    """Continue from the store's latest checkpoint if there is one; returns the tracker run id to continue."""
+    directory = run.store.fetch_latest()
+    if directory is None:
+        log.info("no checkpoint found: starting a fresh run")
+        return None
+    train_state, data_state = read_checkpoint(
+        directory,
+        projector=run.raw.projector,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        config=run.cfg.to_dict(),
+    )
+    run.stream.load_state_dict(data_state)
+    run.step = int(train_state["step"])
+    run.metrics = dict(train_state.get("metrics", {}))
+    run.best_wer = train_state.get("best_wer")
+    log.info("resumed from %s at step %d", directory, run.step)
+    return train_state.get("tracker_run_id")
+
+
+def train_loop(run: Run) -> int:
+    """Train until max_steps or a stop signal; returns the process exit code."""
+    cfg, acc, model, raw = run.cfg, run.accelerator, run.model, run.raw
+    t = cfg.training
+    device = acc.device
+    params = [p for p in raw.parameters() if p.requires_grad]
+    run.stop.install()
+    model.train()
+    loss_sum = torch.zeros((), device=device)  # summed over the logging window, on device: no sync per step
+    token_count = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    samples, data_wait, window_start, first_step = 0, 0.0, time.perf_counter(), run.step
+    grad_norm = torch.zeros((), device=device)
+
+    while run.step < t.max_steps and not run.stop.requested:
+        # -- data: every micro-batch of the step, so the loss can be normalised by the step's label tokens
+        t0 = time.perf_counter()
+        micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
+        data_wait += time.perf_counter() - t0
+        step_tokens = torch.tensor(
+            float(sum(raw.prompt.count_label_tokens(text) for b in micro_batches for text in b.texts)), device=device
+        )
+        # Sum over ranks: DDP averages gradients, so each rank scales its summed loss by world / global tokens.
+        global_tokens = acc.reduce(step_tokens, reduction="sum")
+        scale = acc.num_processes / global_tokens.clamp(min=1)
+
+        # -- forward / backward
+        for i, batch in enumerate(micro_batches):
+            sync = nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
+            with sync, acc.autocast():
+                out = model(batch.audio.to(device, non_blocking=True), batch.audio_lengths.to(device), batch.texts)
+                loss = out.loss_sum * scale + out.aux_loss / run.grad_accum
+                acc.backward(loss)
+            loss_sum += out.loss_sum.detach()
+            token_count += out.num_tokens
+            aux_sum += out.aux_loss.detach() / run.grad_accum
+            samples += len(batch)
+
+        # -- step (a non-finite loss or gradient skips the update; several in a row stop the run)
+        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+        if torch.isfinite(grad_norm).item():  # CPU-GPU sync point, once per step: needed to decide the skip
+            run.optimizer.step()
+            run.scheduler.step()
+            run.bad_steps = 0
+        else:
+            run.bad_steps += 1
+            run.skipped_steps += 1
+            log.warning("step %d: non-finite loss or gradient norm, update skipped", run.step + 1)
+            if run.bad_steps >= t.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{run.bad_steps} non-finite steps in a row at step {run.step + 1}; the last good checkpoint "
+                    f"is kept: lower training.learning_rate or training.max_grad_norm and restart"
+                )
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+
+        # -- log
+        if run.step % t.logging_steps == 0 or run.step == t.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens = acc.reduce(token_count, reduction="sum").clamp(min=1)
+            metrics = {
+                "train/loss": float(acc.reduce(loss_sum, reduction="sum") / tokens),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": run.scheduler.get_last_lr()[0],
+                "train/samples_per_s": samples * acc.num_processes / elapsed,
+                "train/data_wait_s": data_wait / max(run.step - first_step, 1),
+                "train/skipped_steps": run.skipped_steps,
+            }
+            if float(aux_sum):
+                metrics["train/aux_loss"] = float(aux_sum) / t.logging_steps
+            metrics |= projector_metrics(raw) | stream_metrics(run.stream)
+            if acc.is_main_process:
+                log.info(format_step(run.step, t.max_steps, metrics, elapsed, samples, run.step - first_step))
+            run.tracker.log(metrics, step=run.step)
+            loss_sum.zero_(), token_count.zero_(), aux_sum.zero_()
+            samples, data_wait, window_start, first_step = 0, 0.0, time.perf_counter(), run.step
+
+        # -- evaluate and checkpoint
+        if run.eval_batches and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
+            run_eval(run)
+        if run.step % t.save_steps == 0 or run.step == t.max_steps or run.stop.requested:
+            save(run, final=run.step >= t.max_steps)
+
+    return EXIT_STOPPED if run.stop.requested and run.step < t.max_steps else 0
+
+
+def format_step(step: int, max_steps: int, m: dict[str, float], elapsed: float, samples: int, steps: int) -> str:
+    """`Step 25/20000 | Loss: 8.34 | Grad Norm: 45.2 | LR: 1e-4 | ETA: 20hr | 12.3 samples/s` (the course's line)."""
+    eta = (max_steps - step) * elapsed / max(steps, 1)
+    return (
+        f"Step {step}/{max_steps} | Loss: {m['train/loss']:.2f} | Grad Norm: {m['train/grad_norm']:.1f} | "
+        f"LR: {m['train/lr']:.0e} | ETA: {format_duration(eta)} | {m['train/samples_per_s']:.1f} samples/s"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}hr"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds:.0f}s"
+
+
+def projector_metrics(model: ASRModel) -> dict[str, float]:
+    metrics = getattr(model.projector, "metrics", None)
+    return metrics() if callable(metrics) else {}
+
+
+def stream_metrics(stream: Any) -> dict[str, float]:
+    return {f"data/{k}": float(v) for k, v in stream.stats().items() if isinstance(v, int | float)}
+
+
+def run_eval(run: Run) -> EvalResult:
+    result = evaluate(
+        run.raw,
+        run.eval_batches,
+        device=run.accelerator.device,
+        wer_samples=run.cfg.data.eval_wer_samples,
+        max_new_tokens=run.cfg.data.max_new_tokens,
+        autocast=run.accelerator.autocast(),
+    )
+    run.metrics = result.metrics()
+    if result.wer is not None and not math.isnan(result.wer):
+        run.best_wer = result.wer if run.best_wer is None else min(run.best_wer, result.wer)
+        run.metrics["eval/best_wer"] = run.best_wer
+    if run.accelerator.is_main_process:
+        wer = f" | WER: {result.wer:.1%}" if result.wer is not None else ""
+        log.info("Eval step %d | Loss: %.3f%s", run.step, result.loss, wer)
+        for ref, hyp in result.examples[:2]:
+            log.info("  ref: %s\n  hyp: %s", ref, hyp)
+    run.tracker.log(run.metrics, step=run.step)
+    run.tracker.log_table(
+        "eval/examples", ["reference", "hypothesis"], [list(e) for e in result.examples], step=run.step
+    )
+    return result
+
+
+def save(run: Run, *, final: bool) -> None:
+    """Write a checkpoint locally (atomically) and hand it to the store's background upload."""
+    if not run.accelerator.is_main_process:
+        return
+    config = scrub(run.cfg.to_dict(), secrets=run.secrets)
+    train_state = {
+        "step": run.step,
+        "tracker_run_id": run.tracker.run_id,
+        "metrics": run.metrics,
+        "best_wer": run.best_wer,
+        "final": final,
+        "experiment": run.cfg.experiment,
+    }
+
+    def write(directory: Path) -> None:
+        write_checkpoint(
+            directory,
+            projector=run.raw.projector,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            train_state=train_state,
+            data_state=run.stream.state_dict(),
+            config=config,
+        )
+
+    def model_files(directory: Path) -> None:
+        export_model(directory, model=run.raw, config=config, step=run.step, metrics=run.metrics)
+
+    path = run.store.save(step=run.step, write=write, model_files=model_files, final=final)
+    log.info("checkpoint step %d saved to %s", run.step, path)
+
+
+def cleanup(run: Run) -> None:
+    run.stop.uninstall()
+    run.stream.close()
+    if run.accelerator.is_main_process:
+        flushed = run.store.flush(timeout=run.cfg.hub.flush_timeout_s)
+        if not flushed:
+            log.warning(
+                "uploads still pending after %.0fs; the local checkpoint is complete", run.cfg.hub.flush_timeout_s
+            )
+    run.store.close()
+    run.tracker.finish()
+    run.accelerator.end_training()
+
+
+def train(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> int:
+    run = setup(cfg, output_dir=output_dir, token=token, target=target)
+    try:
+        return train_loop(run)
+    finally:
+        cleanup(run)
