@@ -346,9 +346,8 @@ class HubBackend:
         return self.repo.download(local_dir=into, allow_patterns=[f"{RESUME_DIR}/*"]) / RESUME_DIR
 
     def upload(self, checkpoint: Path, *, step: int, final: bool) -> None:
-        # delete_patterns: files of an older last-checkpoint that this one lacks must not linger beside it
         message = f"step {step}" + (" (final)" if final else "")
-        self.repo.upload_folder(checkpoint, message=message, delete_patterns=[f"{RESUME_DIR}/*"])
+        self.repo.upload_folder(checkpoint, message=message, replace_folder=RESUME_DIR)
 
 
 @dataclass

@@ -19,11 +19,19 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2
-from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    RepoFile,
+    hf_hub_download,
+    snapshot_download,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
 from tenacity import (
@@ -131,6 +139,8 @@ class RetryPolicy:
 
 def is_retryable(exc: BaseException) -> bool:
     """True for errors that waiting can fix: 408/429/5xx, timeouts, refused or dropped connections."""
+    if isinstance(exc, OfflineModeIsEnabled):  # a ConnectionError, but HF_HUB_OFFLINE=1 will not change by waiting
+        return False
     if isinstance(exc, HfHubHTTPError):
         response = exc.response
         return response is not None and response.status_code in RETRYABLE_STATUS
@@ -185,7 +195,13 @@ class HubRepo:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(fn)
+        try:
+            return retrying(fn)
+        except OfflineModeIsEnabled:
+            raise UserError(
+                f"HF_HUB_OFFLINE is set, but {what} needs the Hub repo {self.repo_id}: unset HF_HUB_OFFLINE, or set "
+                "training.hub_model_id to file:///abs/path or leave it unset to keep checkpoints on disk"
+            ) from None
 
     def ensure_exists(self, *, private: bool) -> None:
         """Create the repo if it does not exist (a UserError when the token may not)."""
@@ -259,16 +275,40 @@ class HubRepo:
             )
         )
 
-    def upload_folder(self, folder: Path, *, message: str, delete_patterns: list[str] | None = None) -> str | None:
-        """Upload `folder` as ONE commit (deleting remote files matching `delete_patterns` in it); its oid."""
-        info = self._call(
-            "upload_folder",
-            lambda: self.api.upload_folder(
-                repo_id=self.repo_id,
-                folder_path=folder,
-                revision=self.revision,
-                commit_message=message,
-                delete_patterns=delete_patterns,
-            ),
-        )
-        return getattr(info, "oid", None)
+    def upload_folder(self, folder: Path, *, message: str, replace_folder: str | None = None) -> str | None:
+        """Upload every file under `folder` as ONE commit; returns the commit oid.
+
+        replace_folder: a folder of the repo (e.g. `last-checkpoint`) whose remote files missing from
+        `folder` are deleted in the same commit, so no stale file lingers beside the new ones.
+
+        Built on `create_commit` rather than `upload_folder`: with hf_xet installed, `upload_folder` may split
+        a folder into several commits (past ~20 files after a failed commit, or after 5 minutes) and retries
+        the commit itself with its own backoff; here one commit is one save, and tenacity does the retrying.
+        """
+        local = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+        stale = set(self._list_files(replace_folder)) - set(local) if replace_folder else set()
+
+        def commit() -> str | None:
+            # operations are single-use (the client mutates them): build them afresh for every attempt
+            operations: list[CommitOperationAdd | CommitOperationDelete] = [
+                CommitOperationDelete(path_in_repo=path, is_folder=False) for path in sorted(stale)
+            ]
+            operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=path) for name, path in local.items()]
+            info = self.api.create_commit(
+                self.repo_id, operations, commit_message=message, revision=self.revision, repo_type="model"
+            )
+            return info.oid
+
+        return self._call("upload", commit)
+
+    def _list_files(self, folder: str) -> list[str]:
+        """Paths of the files under `folder` in the repo ([] when the folder or repo does not exist)."""
+
+        def listing() -> list[str]:
+            tree = self.api.list_repo_tree(self.repo_id, folder, recursive=True, revision=self.revision)
+            return [entry.path for entry in tree if isinstance(entry, RepoFile)]
+
+        try:
+            return self._call(f"list {folder}", listing)
+        except (RepositoryNotFoundError, EntryNotFoundError):
+            return []
