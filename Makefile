@@ -9,7 +9,7 @@ EXP ?= tiny
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 
-.PHONY: help setup train check test test-all lint format bench clean
+.PHONY: help setup train check test test-all lint format bench clean build-image run-image push-image
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,3 +46,44 @@ format: setup
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
+
+# --- The image (Dockerfile; docker/README.md) -------------------------------------------------------------------
+# The same targets work with podman and a local registry, e.g.
+#   make build-image DOCKER=podman WHEELS=/opt/wheels BASE_IMAGE=localhost/debian-base:bookworm
+#   make push-image DOCKER=podman REGISTRY=127.0.0.1:5000 OWNER=me PUSH_ARGS=--tls-verify=false
+DOCKER ?= docker
+REGISTRY ?= ghcr.io
+OWNER ?= tiny-audio
+IMAGE ?= $(REGISTRY)/$(OWNER)/tiny-audio
+REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+TAG ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo dev)
+VERSION := $(shell $(PYTHON) -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
+# On a version tag (v1.2.3) the image is also pushed as 1.2.3.
+GIT_VERSION := $(patsubst v%,%,$(shell git describe --exact-match --tags --match 'v*' 2>/dev/null))
+BASE_IMAGE ?=
+# A local folder of wheels (podman only: bind-mounted into the build); torch then comes from it, not a CUDA index.
+WHEELS ?=
+# A CA bundle for pip where TLS is intercepted; passed as a build secret, never stored in a layer.
+PIP_CA ?= $(PIP_CERT)
+BUILD_ARGS ?=
+RUN_ARGS ?=
+PUSH_ARGS ?=
+comma := ,
+
+build-image:  ## build $(IMAGE):$(TAG) and :latest (BASE_IMAGE, WHEELS, PIP_CA, BUILD_ARGS to adapt)
+	$(DOCKER) build \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) \
+		$(if $(WHEELS),--volume $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels --build-arg TORCH_INDEX_URL=) \
+		$(if $(PIP_CA),--secret id=pip_ca$(comma)src=$(PIP_CA)) \
+		--build-arg VERSION=$(VERSION) --build-arg REVISION=$(REVISION) \
+		$(BUILD_ARGS) -t $(IMAGE):$(TAG) -t $(IMAGE):latest .
+
+run-image:  ## train EXP in the image, outputs in ./outputs (RUN_ARGS="--gpus all" for GPUs; ARGS=overrides)
+	mkdir -p outputs
+	$(DOCKER) run --rm -e EXP=$(EXP) -v $(CURDIR)/outputs:/workspace/outputs $(RUN_ARGS) $(IMAGE):$(TAG) $(ARGS)
+
+push-image:  ## push $(IMAGE):$(TAG), :latest and, on a version tag, :VERSION
+	$(DOCKER) push $(PUSH_ARGS) $(IMAGE):$(TAG)
+	$(DOCKER) push $(PUSH_ARGS) $(IMAGE):latest
+	$(if $(GIT_VERSION),$(DOCKER) tag $(IMAGE):$(TAG) $(IMAGE):$(GIT_VERSION))
+	$(if $(GIT_VERSION),$(DOCKER) push $(PUSH_ARGS) $(IMAGE):$(GIT_VERSION))

@@ -124,12 +124,43 @@ def test_finish_command_stops_the_pod(api: FakeRunPod) -> None:
     assert api.requests == [{"method": "POST", "path": "/v1/pods/abc/stop", "authorization": "Bearer k2"}]
 
 
-def test_check_command_prints_one_line_and_exits_2() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "tiny_audio.runpod", "check"], env={"ON_FINISH": "nap"}, capture_output=True, text=True
+def _plan(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tiny_audio.runpod", "plan", *args], env=env, capture_output=True, text=True
     )
+
+
+def test_plan_prints_on_finish_and_gpus() -> None:
+    done = _plan("training.max_steps=3", EXP="mlp", NUM_GPUS="2", ON_FINISH="sleep")
+    assert (done.returncode, done.stdout) == (0, "sleep 2\n"), done.stderr
+
+
+def test_plan_without_gpu_trains_tiny_on_cpu_and_says_so() -> None:
+    done = _plan(EXP="tiny", NUM_GPUS="0")
+    assert (done.returncode, done.stdout) == (0, "exit 0\n"), done.stderr
+    assert "no GPU visible" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ((), {"NUM_GPUS": "0"}, "no experiment given"),
+        ((), {"EXP": "nope", "NUM_GPUS": "1"}, "unknown experiment 'nope'"),
+        (("training.nope=1",), {"EXP": "tiny", "NUM_GPUS": "0"}, "unknown key 'training.nope'"),
+        ((), {"EXP": "mlp", "NUM_GPUS": "0"}, "ALLOW_CPU=1"),
+        ((), {"EXP": "tiny", "NUM_GPUS": "two"}, "NUM_GPUS must be a whole number"),
+        ((), {"EXP": "tiny", "NUM_GPUS": "1", "ON_FINISH": "nap"}, "ON_FINISH='nap'"),
+    ],
+)
+def test_plan_mistakes_end_in_one_line_and_exit_2(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
+    done = _plan(*args, **env)
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "ON_FINISH" in done.stderr
+    assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1 and message in done.stderr
+    assert done.stdout == ""
+
+
+def test_plan_allows_cpu_when_asked() -> None:
+    assert _plan(EXP="mlp", NUM_GPUS="0", ALLOW_CPU="1").stdout == "exit 0\n"
 
 
 def _checkpoint(root: Path, name: str, state: dict[str, object]) -> None:

@@ -1,4 +1,5 @@
-"""What happens when training ends in a container (ON_FINISH), and whether a run has already finished.
+"""The container's life around training: what start.sh checks before launching, what happens when training
+ends (ON_FINISH), and whether a run has already finished.
 
 ON_FINISH, read by docker/start.sh:
   exit       the container exits with the trainer's exit code (default)
@@ -12,7 +13,8 @@ https://rest.runpod.io/v1, RunPod's REST API) lets tests point the calls at a lo
 A pod whose container exits is restarted by RunPod, so a restarted container must not train again: the trainer
 marks the last checkpoint `final: true` in its train state, and `finished_checkpoint` finds it.
 
-Command line (used by start.sh): `python -m tiny_audio.runpod check | finish | finished CHECKPOINTS_DIR`.
+Command line (used by docker/start.sh): `python -m tiny_audio.runpod plan [OPTIONS] [OVERRIDES] | finish |
+finished CHECKPOINTS_DIR`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, TypeVar, get_args
@@ -31,6 +33,9 @@ import click
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from tiny_audio.errors import UserError
+
+# Experiments made to train on CPU; any other one refuses a machine without GPU unless ALLOW_CPU=1.
+CPU_EXPERIMENTS = ("tiny",)
 
 OnFinish = Literal["exit", "sleep", "stop", "terminate"]
 DEFAULT_API_URL = "https://rest.runpod.io/v1"
@@ -70,6 +75,48 @@ def finish_action_from_env(env: Mapping[str, str] | None = None) -> FinishAction
         if not api_key:
             raise UserError(f"ON_FINISH={action} needs RUNPOD_API_KEY (a RunPod API key with write access to pods)")
     return FinishAction(action=action, pod_id=pod_id, api_key=api_key, api_url=api_url)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What start.sh needs to know before launching training."""
+
+    on_finish: OnFinish
+    gpus: int
+
+
+def visible_gpus(env: Mapping[str, str] | None = None) -> int:
+    """NUM_GPUS when set, else the CUDA devices torch sees (it honours CUDA_VISIBLE_DEVICES; nvidia-smi does not)."""
+    env = os.environ if env is None else env
+    if env.get("NUM_GPUS"):
+        if not env["NUM_GPUS"].isdigit():
+            raise UserError(f"NUM_GPUS must be a whole number, got {env['NUM_GPUS']!r}")
+        return int(env["NUM_GPUS"])
+    import torch  # here, not at the top: `finish` and `finished` stay fast
+
+    return torch.cuda.device_count()
+
+
+def launch_plan(
+    *, experiment: str | None, overrides: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> LaunchPlan:
+    """Validate everything a launch depends on, so a mistake ends in one line now and not after hours of training.
+
+    Checks ON_FINISH and the RunPod variables it needs, the experiment and its overrides (with the CLI's own
+    messages), and the GPUs: with none visible only CPU_EXPERIMENTS train, unless ALLOW_CPU=1.
+    """
+    from tiny_audio.cli import load_experiment  # the CLI's messages for a missing or wrong EXP
+
+    env = os.environ if env is None else env
+    action = finish_action_from_env(env)
+    cfg = load_experiment(experiment, tuple(overrides))
+    gpus = visible_gpus(env)
+    if gpus == 0 and cfg.experiment not in CPU_EXPERIMENTS and env.get("ALLOW_CPU") != "1":
+        raise UserError(
+            f"no GPU visible, and experiment {cfg.experiment} would take days on CPU: on RunPod pick a GPU pod, "
+            "with docker run pass --gpus all; ALLOW_CPU=1 trains on CPU anyway"
+        )
+    return LaunchPlan(on_finish=action.action, gpus=gpus)
 
 
 def stop_pod(
@@ -169,13 +216,29 @@ def finished_checkpoint(checkpoints_dir: Path, *, state_file: str = TRAIN_STATE_
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """ON_FINISH for the container's start script."""
+    """Helpers for the container's start script (docker/start.sh)."""
+    from dotenv import find_dotenv, load_dotenv
+
+    # As the training CLI does: EXP, ON_FINISH, RUNPOD_API_KEY may come from a .env in the working directory.
+    load_dotenv(find_dotenv(usecwd=True), override=False)
 
 
-@cli.command()
-def check() -> None:
-    """Validate ON_FINISH and the RunPod variables it needs (exit 2 with one line when wrong)."""
-    _or_exit(finish_action_from_env)
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--experiment", "-e", envvar="EXP", help="Experiment name or YAML path [env: EXP].")
+@click.option("--output-dir", envvar="OUTPUT_DIR", help="Accepted as `train` accepts it; not needed here.")
+@click.argument("overrides", nargs=-1)
+def plan(experiment: str | None, output_dir: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate a launch and print `ON_FINISH GPUS` (exit 2 with one line on stderr when something is wrong).
+
+    Takes the arguments `train` takes.
+    """
+    found = _or_exit(lambda: launch_plan(experiment=experiment, overrides=overrides))
+    if found.gpus == 0:
+        click.echo(
+            "start: no GPU visible (on RunPod pick a GPU pod; with docker run pass --gpus all): training on CPU",
+            err=True,
+        )
+    click.echo(f"{found.on_finish} {found.gpus}")
 
 
 @cli.command()
@@ -201,7 +264,7 @@ def _or_exit(function: Callable[[], _T]) -> _T:
     try:
         return function()
     except UserError as error:
-        click.echo(f"runpod: {error}", err=True)
+        click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
 
 

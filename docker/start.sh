@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The image's start script (tini runs it as PID 1's child): sets defaults on the persistent volume, checks for
+# a GPU, launches one training process per visible GPU, and does ON_FINISH when training ends.
+# Every variable it reads is listed in docker/README.md.
+#
+#   start.sh [train] [section.key=value ...]      train (the default command)
+#   start.sh check|eval|transcribe [...]          run that command of the CLI as is
+#   start.sh --help                               the CLI's help (every environment variable)
+set -euo pipefail
+
+APP_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python}"
+ENTRYPOINT="$APP_DIR/entrypoint.py"
+
+log() { echo "start: $*" >&2; }
+die() { echo "start: $*" >&2; exit 2; }
+is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
+
+# Caches, trackers and outputs go to the persistent volume RunPod mounts at /workspace, so a restarted pod
+# neither downloads the models again nor loses its checkpoints. A value the user set always wins.
+if [[ -d /workspace ]]; then
+  export HF_HOME="${HF_HOME:-/workspace/.cache/huggingface}"
+  export WANDB_DIR="${WANDB_DIR:-/workspace}"
+fi
+
+case "${1:-}" in
+  train) shift ;;
+  check | eval | transcribe) exec "$PYTHON" "$ENTRYPOINT" "$@" ;;
+  -*) exec "$PYTHON" "$ENTRYPOINT" "$@" ;;  # --help, --version: nothing to launch
+  *) ;;  # no command, or overrides only: train
+esac
+
+# Validate EXP, its overrides, ON_FINISH and the GPUs before launching anything: a mistake ends here in one line
+# (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS".
+plan="$("$PYTHON" -m tiny_audio.runpod plan "$@")"
+read -r on_finish gpus <<< "$plan"
+
+# --- How many processes, on how many machines ------------------------------------------------------------------
+processes="${NUM_PROCESSES:-$(( gpus > 0 ? gpus : 1 ))}"
+machines="${NUM_MACHINES:-1}"
+is_positive "$processes" || die "NUM_PROCESSES must be a whole number >= 1, got '$processes'"
+is_positive "$machines" || die "NUM_MACHINES must be a whole number >= 1, got '$machines'"
+
+if (( processes == 1 && machines == 1 )); then
+  launch=("$PYTHON" "$ENTRYPOINT" train "$@")
+else
+  # accelerate's --num_processes counts every process of every machine.
+  launch=(accelerate launch --multi_gpu --num_processes "$(( processes * machines ))" --num_machines "$machines")
+  if (( machines > 1 )); then
+    [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine 0)"
+    launch+=(--machine_rank "${MACHINE_RANK:-0}" --main_process_ip "$MAIN_PROCESS_IP")
+  fi
+  launch+=(--main_process_port "${MAIN_PROCESS_PORT:-29500}")
+  # Without this, `--multi_gpu` on a machine with no GPU silently runs every process as rank 0 of 1.
+  (( gpus > 0 )) || export ACCELERATE_USE_CPU=true
+  launch+=("$ENTRYPOINT" train "$@")
+fi
+
+if [[ "${START_DRY_RUN:-0}" == "1" ]]; then
+  printf '%q ' "${launch[@]}"
+  echo
+  exit 0
+fi
+
+# --- Train ------------------------------------------------------------------------------------------------------
+if [[ "$on_finish" == "exit" ]]; then
+  exec "${launch[@]}"  # the trainer takes this process's place: tini's SIGTERM reaches it directly
+fi
+
+# Something must happen after training, so the trainer runs as a child and signals are forwarded to it.
+signalled=0
+child=""
+# shellcheck disable=SC2329  # invoked by the traps below
+forward() {
+  signalled=1
+  [[ -z "$child" ]] || kill -s "$1" "$child" 2> /dev/null || true
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+"${launch[@]}" &
+child=$!
+if (( signalled )); then kill -s TERM "$child" 2> /dev/null || true; fi  # a stop that came before the start
+while :; do
+  status=0
+  wait "$child" || status=$?
+  # A trapped signal interrupts `wait` (status > 128) while the trainer is still saving: keep waiting.
+  if (( status > 128 )) && kill -0 "$child" 2> /dev/null; then continue; fi
+  break
+done
+trap - TERM INT
+
+if (( signalled )); then
+  exit "$status"  # the container is being stopped from outside: nothing more to do
+fi
+
+log "training ended with exit code $status; ON_FINISH=$on_finish"
+case "$on_finish" in
+  sleep)
+    log "sleeping so the pod stays up for inspection (stop it when done)"
+    exec sleep infinity
+    ;;
+  stop | terminate)
+    if ! "$PYTHON" -m tiny_audio.runpod finish; then
+      # Exiting would let RunPod restart the container; sleeping keeps the pod, and the error, visible.
+      log "could not $on_finish the pod; sleeping instead"
+    fi
+    exec sleep infinity  # RunPod stops the container shortly
+    ;;
+esac
+exit "$status"
