@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -71,6 +72,15 @@ class Fault:
     hits: int = 0
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that gave up (timeout, flush deadline) closes its socket mid-answer: expected, not news."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class HubServer:
     """In-memory Hub on 127.0.0.1 (random port). Use as a context manager; `endpoint` is the base URL."""
 
@@ -80,8 +90,7 @@ class HubServer:
         self.requests: list[str] = []
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
 
     @property

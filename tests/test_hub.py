@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx2
 import huggingface_hub.constants
 import pytest
 from hub_server import HubServer
@@ -23,7 +24,15 @@ from tiny_audio.checkpoint import (
 )
 from tiny_audio.config import HubConfig
 from tiny_audio.errors import UserError
-from tiny_audio.hub import HubRepo, RetryPolicy, ScrubFilter, is_retryable, require_token, scrub
+from tiny_audio.hub import (
+    HubRepo,
+    RetryPolicy,
+    ScrubFilter,
+    bound_http_timeouts,
+    is_retryable,
+    require_token,
+    scrub,
+)
 
 REPO = "me/tiny-run"
 FAST = RetryPolicy(attempts=4, initial_s=0.01, max_s=0.05)
@@ -215,7 +224,7 @@ def test_a_failing_upload_never_raises_and_the_next_save_uploads_the_newest(
 
 def test_flush_gives_up_at_its_timeout(server: HubServer, tmp_path: Path) -> None:
     run = Run()
-    store = open_store(server, tmp_path, flush_s=0.5)
+    store = open_store(server, tmp_path, flush_s=20)
     server.inject("/commit/", kind="delay", delay_s=3.0)
     run.save(store, step=1)
     started = time.monotonic()
@@ -223,9 +232,22 @@ def test_flush_gives_up_at_its_timeout(server: HubServer, tmp_path: Path) -> Non
     assert 0.4 < time.monotonic() - started < 1.5
     assert store.status["pending"] == 1
     started = time.monotonic()
-    store.close()  # close flushes within hub.flush_timeout_s too
-    assert time.monotonic() - started < 7
-    assert store.flush(timeout=5) in (True, False)  # after close: answers at once, never hangs
+    store.close()  # the caller already waited out a flush: close does not wait flush_timeout_s (20 s) again
+    assert time.monotonic() - started < 2.5
+    started = time.monotonic()
+    store.flush(timeout=5)  # after close: answers at once, never waits for the abandoned thread
+    assert time.monotonic() - started < 0.5
+
+
+def test_close_flushes_within_the_flush_timeout(server: HubServer, tmp_path: Path) -> None:
+    run = Run()
+    store = open_store(server, tmp_path, flush_s=0.5)
+    server.inject("/commit/", kind="delay", delay_s=3.0)
+    run.save(store, step=1)
+    started = time.monotonic()
+    store.close()
+    assert 0.4 < time.monotonic() - started < 2.5
+    assert store.status["last_uploaded_step"] is None
 
 
 def test_corrupt_checkpoint_on_the_hub_is_a_user_error(server: HubServer, tmp_path: Path) -> None:
@@ -291,3 +313,19 @@ def test_only_transient_errors_are_retried(server: HubServer, tmp_path: Path) ->
     assert len(server.requests) - before == 1  # a 404 is not retried
     assert not is_retryable(ValueError("no"))
     assert is_retryable(ConnectionResetError())
+
+
+def test_a_stalled_request_times_out_and_is_retried(server: HubServer, tmp_path: Path) -> None:
+    run = Run()
+    store = open_store(server, tmp_path)
+    assert httpx2.Timeout(300.0, connect=30.0) == huggingface_hub.get_session().timeout  # never unbounded
+    previous = bound_http_timeouts(httpx2.Timeout(0.5), force=True)  # short, so the test stays quick
+    try:
+        server.inject("/commit/", kind="delay", delay_s=3.0)  # the first commit stalls past the timeout
+        run.save(store, step=1)
+        assert store.flush(timeout=30)
+    finally:
+        bound_http_timeouts(previous, force=True)
+    store.close()
+    assert commit_attempts(server) == 2
+    assert store.status["uploads_ok"] == 1

@@ -86,7 +86,7 @@ def write_checkpoint(
     files copied in as {name in the checkpoint: source path}.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(projector, str(directory / PROJECTOR_FILE))
+    save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
@@ -117,7 +117,7 @@ def read_checkpoint(
     if config is not None:
         check_compatible(stored=read_json(directory / "config.json"), current=config, where=str(directory))
     try:
-        missing, unexpected = load_model(projector, str(directory / PROJECTOR_FILE), strict=False)
+        missing, unexpected = load_model(unwrap(projector), str(directory / PROJECTOR_FILE), strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise UserError(
             f"{directory / PROJECTOR_FILE} does not fit this projector ({describe(exc)}); {_START_FRESH}"
@@ -185,6 +185,12 @@ def check_compatible(*, stored: dict[str, Any], current: dict[str, Any], where: 
             f"the checkpoint in {where} was trained with another model or projector "
             f"({'; '.join(differences)}); {_START_FRESH}"
         )
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under a torch.compile wrapper: its weights are saved without the `_orig_mod.` prefix, so a
+    checkpoint loads the same into a compiled or a plain projector."""
+    return getattr(module, "_orig_mod", module)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -269,7 +275,7 @@ def write_model_files(
     The tokenizer and the feature extractor settings (`save_pretrained`) are the caller's to add beside them.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(projector, str(directory / PROJECTOR_FILE))
+    save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
     _write_json(directory / MODEL_CONFIG_FILE, scrub(config))
     if card is not None:
         (directory / "README.md").write_text(scrub(card))
@@ -511,7 +517,7 @@ class _Uploader:
             self._pending = None
             self._cond.notify_all()
         self.cancel.set()  # stops retries waiting inside a stuck upload
-        self._thread.join(timeout=5.0)
+        self._thread.join(timeout=1.0)  # a daemon: one blocked in a request is left behind, not waited for
 
     def status(self) -> dict[str, Any]:
         with self._cond:
@@ -596,6 +602,7 @@ class CheckpointStore:
         self.flush_timeout_s = hub.flush_timeout_s
         self.is_main_process = is_main_process
         self._closed = False
+        self._unflushed = False  # a save was made since the last flush
         self._uploader = (
             _Uploader(backend=backend, min_interval_s=hub.min_upload_interval_s, cancel=cancel or threading.Event())
             if backend is not None and is_main_process
@@ -694,6 +701,7 @@ class CheckpointStore:
         os.replace(tmp, final_dir)
         if self._uploader is not None:
             self._uploader.submit(_Job(step=step, path=final_dir, final=final))
+            self._unflushed = True
         self._rotate(keep_also=final_dir)
         return final_dir
 
@@ -709,12 +717,15 @@ class CheckpointStore:
         """Wait for pending uploads (at most `timeout` s; None: hub.flush_timeout_s). True when all are up."""
         if self._uploader is None:
             return True
+        self._unflushed = False
         return self._uploader.flush(self.flush_timeout_s if timeout is None else timeout)
 
     def close(self) -> None:
         """Flush (within hub.flush_timeout_s), then stop the uploader. Safe to call twice; status stays readable."""
+        # A flush the caller already waited out is not waited for again (a stuck upload would double the wait).
         if self._uploader is not None and not self._closed:
-            self.flush()
+            if self._unflushed:
+                self.flush()
             self._uploader.close()
         self._closed = True
 

@@ -24,6 +24,7 @@ from huggingface_hub import (
     CommitOperationDelete,
     HfApi,
     RepoFile,
+    get_session,
     hf_hub_download,
     snapshot_download,
 )
@@ -56,6 +57,9 @@ _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 # Keys whose values are secrets whatever they hold (HF_TOKEN, WANDB_API_KEY, "token", "password", ...).
 _SECRET_KEY = re.compile(r"token|api_key|apikey|secret|password|authorization", re.IGNORECASE)
 REDACTED = "<redacted>"
+# huggingface_hub's shared HTTP client waits forever by default: one stalled connection would hang the
+# uploader for the rest of the run. Reads/writes are per network operation, so big files are not cut off.
+HTTP_TIMEOUT = httpx2.Timeout(300.0, connect=30.0)
 
 
 # --- tokens ---------------------------------------------------------------------------------------------
@@ -158,6 +162,18 @@ def describe(exc: BaseException) -> str:
     return scrub(f"{type(exc).__name__}: {first}")
 
 
+def bound_http_timeouts(timeout: httpx2.Timeout = HTTP_TIMEOUT, *, force: bool = False) -> httpx2.Timeout:
+    """Give huggingface_hub's shared client `timeout` when it has none (or always, `force`); the previous one.
+
+    A timed-out request raises httpx2.TimeoutException, which `HubRepo` retries like any transient error.
+    """
+    session = get_session()
+    previous = session.timeout
+    if force or previous.read is None:
+        session.timeout = timeout
+    return previous
+
+
 @dataclass
 class HubRepo:
     """One Hub model repo, every call retried. `cancel` set -> pending retries stop at once (shutdown)."""
@@ -171,6 +187,7 @@ class HubRepo:
 
     def __post_init__(self) -> None:
         self.api = HfApi(endpoint=self.endpoint, token=self.token)
+        bound_http_timeouts()
 
     # The one place calls are retried.
     def _call(self, what: str, fn: Callable[[], T]) -> T:
