@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import jiwer
@@ -44,7 +45,7 @@ def evaluate(
     device: torch.device,
     wer_samples: int,
     max_new_tokens: int,
-    autocast: torch.autocast,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> EvalResult:
     """Token-normalised loss over every batch; greedy WER over the first `wer_samples` samples."""
     was_training = model.training
@@ -52,7 +53,7 @@ def evaluate(
     loss_sum, tokens, refs, hyps = 0.0, 0, [], []
     for batch in batches:
         audio, lengths = batch.audio.to(device), batch.audio_lengths.to(device)
-        with autocast:
+        with autocast():
             out = model(audio, lengths, batch.texts)
             loss_sum += float(out.loss_sum)
             tokens += out.num_tokens

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -65,8 +66,10 @@ class Run:
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cuda and cfg.training.mixed_precision in ("auto", "bf16") else "no"
-    # gloo lets several CPU processes train together (tests, and machines without GPUs).
-    handlers = [] if cuda else [InitProcessGroupKwargs(backend="gloo")]
+    # gloo lets several CPU processes train together (tests, and machines without GPUs); a single process
+    # must not ask for a process group at all.
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not cuda else []
     return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=handlers)
 
 
@@ -209,7 +212,8 @@ def train_loop(run: Run) -> int:
     loss_sum = torch.zeros((), device=device)  # summed over the logging window, on device: no sync per step
     token_count = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
-    samples, data_wait, window_start, first_step = 0, 0.0, time.perf_counter(), run.step
+    # Throughput and ETA count training time only: evaluation and checkpoint time are left out.
+    samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
     grad_norm = torch.zeros((), device=device)
 
     while run.step < t.max_steps and not run.stop.requested:
@@ -217,24 +221,11 @@ def train_loop(run: Run) -> int:
         t0 = time.perf_counter()
         micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
         data_wait += time.perf_counter() - t0
-        step_tokens = torch.tensor(
-            float(sum(raw.prompt.count_label_tokens(text) for b in micro_batches for text in b.texts)), device=device
-        )
-        # Sum over ranks: DDP averages gradients, so each rank scales its summed loss by world / global tokens.
-        global_tokens = acc.reduce(step_tokens, reduction="sum")
-        scale = acc.num_processes / global_tokens.clamp(min=1)
-
-        # -- forward / backward
-        for i, batch in enumerate(micro_batches):
-            sync = nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
-            with sync, acc.autocast():
-                out = model(batch.audio.to(device, non_blocking=True), batch.audio_lengths.to(device), batch.texts)
-                loss = out.loss_sum * scale + out.aux_loss / run.grad_accum
-                acc.backward(loss)
-            loss_sum += out.loss_sum.detach()
-            token_count += out.num_tokens
-            aux_sum += out.aux_loss.detach() / run.grad_accum
-            samples += len(batch)
+        loss, tokens, aux = forward_backward(model, raw, acc, micro_batches)
+        loss_sum += loss
+        token_count += tokens
+        aux_sum += aux
+        samples += sum(len(b) for b in micro_batches)
 
         # -- step (a non-finite loss or gradient skips the update; several in a row stop the run)
         grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
@@ -253,27 +244,28 @@ def train_loop(run: Run) -> int:
                 )
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
+        steps += 1
+        train_time += time.perf_counter() - t0
 
         # -- log
         if run.step % t.logging_steps == 0 or run.step == t.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens = acc.reduce(token_count, reduction="sum").clamp(min=1)
+            window_tokens = acc.reduce(token_count, reduction="sum").clamp(min=1)
             metrics = {
-                "train/loss": float(acc.reduce(loss_sum, reduction="sum") / tokens),
+                "train/loss": float(acc.reduce(loss_sum, reduction="sum") / window_tokens),
                 "train/grad_norm": float(grad_norm),
                 "train/lr": run.scheduler.get_last_lr()[0],
-                "train/samples_per_s": samples * acc.num_processes / elapsed,
-                "train/data_wait_s": data_wait / max(run.step - first_step, 1),
+                "train/samples_per_s": samples * acc.num_processes / train_time,
+                "train/data_wait_s": data_wait / steps,
                 "train/skipped_steps": run.skipped_steps,
             }
             if float(aux_sum):
-                metrics["train/aux_loss"] = float(aux_sum) / t.logging_steps
+                metrics["train/aux_loss"] = float(aux_sum) / steps
             metrics |= projector_metrics(raw) | stream_metrics(run.stream)
             if acc.is_main_process:
-                log.info(format_step(run.step, t.max_steps, metrics, elapsed, samples, run.step - first_step))
+                log.info(format_step(run.step, t.max_steps, metrics, seconds_per_step=train_time / steps))
             run.tracker.log(metrics, step=run.step)
             loss_sum.zero_(), token_count.zero_(), aux_sum.zero_()
-            samples, data_wait, window_start, first_step = 0, 0.0, time.perf_counter(), run.step
+            samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
 
         # -- evaluate and checkpoint
         if run.eval_batches and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
@@ -284,9 +276,35 @@ def train_loop(run: Run) -> int:
     return EXIT_STOPPED if run.stop.requested and run.step < t.max_steps else 0
 
 
-def format_step(step: int, max_steps: int, m: dict[str, float], elapsed: float, samples: int, steps: int) -> str:
+def forward_backward(
+    model: torch.nn.Module, raw: ASRModel, acc: Accelerator, micro_batches: list
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward + backward over one optimizer step's micro-batches; returns (summed loss, label tokens, aux loss).
+
+    The gradient is that of (summed token loss over the WHOLE step) / (label tokens in the whole step, over every
+    micro-batch and rank): averaging per micro-batch instead would weight a short transcript's tokens more than
+    a long one's and make the result depend on how the batch was split.
+    """
+    device = acc.device
+    step_tokens = sum(raw.prompt.count_label_tokens(text) for b in micro_batches for text in b.texts)
+    global_tokens = acc.reduce(torch.tensor(float(step_tokens), device=device), reduction="sum")
+    # DDP averages gradients over ranks, so each rank scales its summed loss by world size / global tokens.
+    scale = acc.num_processes / global_tokens.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    aux_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        sync = nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
+        with sync, acc.autocast():
+            out = model(batch.audio.to(device, non_blocking=True), batch.audio_lengths.to(device), batch.texts)
+            acc.backward(out.loss_sum * scale + out.aux_loss / len(micro_batches))
+        loss_sum += out.loss_sum.detach()
+        aux_sum += out.aux_loss.detach() / len(micro_batches)
+    return loss_sum, torch.tensor(float(step_tokens), device=device), aux_sum
+
+
+def format_step(step: int, max_steps: int, m: dict[str, float], *, seconds_per_step: float) -> str:
     """`Step 25/20000 | Loss: 8.34 | Grad Norm: 45.2 | LR: 1e-4 | ETA: 20hr | 12.3 samples/s` (the course's line)."""
-    eta = (max_steps - step) * elapsed / max(steps, 1)
+    eta = (max_steps - step) * seconds_per_step
     return (
         f"Step {step}/{max_steps} | Loss: {m['train/loss']:.2f} | Grad Norm: {m['train/grad_norm']:.1f} | "
         f"LR: {m['train/lr']:.0e} | ETA: {format_duration(eta)} | {m['train/samples_per_s']:.1f} samples/s"
@@ -317,7 +335,7 @@ def run_eval(run: Run) -> EvalResult:
         device=run.accelerator.device,
         wer_samples=run.cfg.data.eval_wer_samples,
         max_new_tokens=run.cfg.data.max_new_tokens,
-        autocast=run.accelerator.autocast(),
+        autocast=run.accelerator.autocast,
     )
     run.metrics = result.metrics()
     if result.wer is not None and not math.isnan(result.wer):
