@@ -8,6 +8,8 @@ One saved checkpoint is a directory shaped like the Hub repo it is pushed to:
         last-checkpoint/                                                   <- what resuming needs
             projector.safetensors   optimizer.pt   scheduler.pt   rng.safetensors   rng.json
             train_state.json   data_state.json   config.json   manifest.json (names, sizes, sha256)
+            ranks.json   (several processes: every rank's data position and Python/numpy RNG; their torch
+                          RNG states are in rng.safetensors as rank<r>.torch_cpu / rank<r>.cuda_<i>)
 
 The store keeps the newest `keep` of those in OUTPUT_DIR/checkpoints (written to a temp dir, then renamed,
 so a half-written checkpoint is never seen), and mirrors each to a remote backend in the background:
@@ -25,7 +27,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,6 +49,7 @@ MANIFEST = "manifest.json"
 PROJECTOR_FILE = "projector.safetensors"
 MODEL_CONFIG_FILE = "tiny_audio_config.json"
 CHECKPOINTS_DIR = "checkpoints"
+RANKS_FILE = "ranks.json"
 _DOWNLOADED = ".downloaded"
 _STEP_PREFIX = "step-"
 # Settings that change the projector's parameters or the models it sits between: a checkpoint trained
@@ -77,23 +80,29 @@ def write_checkpoint(
     data_state: dict[str, Any],
     config: dict[str, Any],
     export_files: dict[str, Path] | None = None,
+    ranks: list[RankState] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> None:
     """Write everything resuming needs into `directory` (created), ending with its manifest.
 
     projector: the projector module only (its whole state_dict: the trainable weights, never the frozen
     encoder/decoder). train_state: JSON (step, tracker_run_id, metrics, ...). data_state: the data pipeline's
     JSON state. config: the resolved config dict; secrets are scrubbed before writing. export_files: extra
-    files copied in as {name in the checkpoint: source path}.
+    files copied in as {name in the checkpoint: source path}. ranks: on a multi-process run, every rank's
+    `RankState` (gathered to the main process, rank order); None is this process alone. optimizer_state:
+    written instead of `optimizer.state_dict()` (DeepSpeed: every rank's ZeRO partition).
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-    _write_rng(directory)
-    _write_json(directory / "train_state.json", scrub(train_state))
-    _write_json(directory / "data_state.json", data_state)
-    _write_json(directory / "config.json", scrub(config))
+    _write_rng(directory, ranks=ranks)
+    _write_json(directory / "train_state.json", scrub_config(train_state))
+    _write_json(directory / "data_state.json", ranks[0].data if ranks else data_state)
+    if ranks and len(ranks) > 1:
+        _write_json(directory / RANKS_FILE, {"world_size": len(ranks), "data": [r.data for r in ranks]})
+    _write_json(directory / "config.json", scrub_config(config))
     for name, source in (export_files or {}).items():
         shutil.copyfile(source, directory / name)
     write_manifest(directory, step=int(train_state.get("step", 0)))
@@ -106,11 +115,15 @@ def read_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     config: dict[str, Any] | None = None,
+    rank: int = 0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Validate `directory` and restore projector weights, optimizer, scheduler and RNG states from it.
 
     config: the current run's resolved config; when given, a checkpoint trained with an incompatible one
     (other models, other projector shape) is refused with a UserError saying how to start fresh.
+    rank: this process's rank; it gets that rank's RNG states and data position when the checkpoint holds them
+    (a rank the checkpoint's run did not have keeps its seeded RNG and starts from the last saved rank's
+    data position, which the data stream re-splits for the new world size).
     Returns (train_state, data_state). Raises UserError naming the file when anything is missing or corrupt.
     """
     verify_checkpoint(directory)
@@ -131,8 +144,12 @@ def read_checkpoint(
         optimizer.load_state_dict(_load_torch(directory / "optimizer.pt"))
     if scheduler is not None:
         scheduler.load_state_dict(_load_torch(directory / "scheduler.pt"))
-    _restore_rng(directory)
-    return read_json(directory / "train_state.json"), read_json(directory / "data_state.json")
+    _restore_rng(directory, rank=rank)
+    data_state = read_json(directory / "data_state.json")
+    if (directory / RANKS_FILE).is_file():
+        per_rank = read_json(directory / RANKS_FILE)["data"]
+        data_state = per_rank[min(rank, len(per_rank) - 1)]
+    return read_json(directory / "train_state.json"), data_state
 
 
 def write_manifest(directory: Path, *, step: int) -> dict[str, Any]:
@@ -187,6 +204,21 @@ def check_compatible(*, stored: dict[str, Any], current: dict[str, Any], where: 
         )
 
 
+def scrub_config(config: Any, *, secrets: Iterable[str | None] = ()) -> Any:
+    """`config` with every secret VALUE removed (given secrets, anything shaped like a Hub token).
+
+    Unlike `scrub`, keys are not judged by their names: a config's keys are settings (`max_new_tokens`,
+    `max_label_tokens`), and redacting them would make a saved config unloadable.
+    """
+    if isinstance(config, str):
+        return scrub(config, secrets=secrets)
+    if isinstance(config, dict):
+        return {k: scrub_config(v, secrets=secrets) for k, v in config.items()}
+    if isinstance(config, list | tuple):
+        return type(config)(scrub_config(v, secrets=secrets) for v in config)
+    return config
+
+
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     """The module under a torch.compile wrapper: its weights are saved without the `_orig_mod.` prefix, so a
     checkpoint loads the same into a compiled or a plain projector."""
@@ -228,32 +260,71 @@ def _load_torch(path: Path) -> Any:
         raise UserError(f"cannot read checkpoint file {path}: {describe(exc)}; {_START_FRESH}") from None
 
 
-def _write_rng(directory: Path) -> None:
-    """Python/numpy generator states as JSON, torch CPU/CUDA states as tensors (no pickle either way)."""
+@dataclass
+class RankState:
+    """What one process must save for itself: its RNG states and its data stream's position."""
+
+    rng: dict[str, Any]  # capture_rng()
+    data: dict[str, Any]
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's Python, numpy and torch (CPU and CUDA) generator states (picklable, for gathering)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    _write_json(
-        directory / "rng.json",
-        {
-            "python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        },
-    )
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(tensors, str(directory / "rng.safetensors"))
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
 
 
-def _restore_rng(directory: Path) -> None:
+def _write_rng(directory: Path, *, ranks: list[RankState] | None = None) -> None:
+    """Python/numpy generator states as JSON, torch CPU/CUDA states as tensors (no pickle either way).
+
+    The top-level entries are rank 0's (this process's when `ranks` is None); with several ranks, each one's
+    states are stored too (`ranks` in rng.json, `rank<r>.` tensors).
+    """
+    states = [r.rng for r in ranks] if ranks else [capture_rng()]
+    first = states[0]
+    document: dict[str, Any] = {"python": first["python"], "numpy": first["numpy"]}
+    tensors = {"torch_cpu": first["torch_cpu"]}
+    tensors.update({f"cuda_{i}": t for i, t in enumerate(first["cuda"])})
+    if len(states) > 1:
+        document["ranks"] = [{"python": st["python"], "numpy": st["numpy"]} for st in states]
+        for r, st in enumerate(states):
+            tensors[f"rank{r}.torch_cpu"] = st["torch_cpu"]
+            tensors.update({f"rank{r}.cuda_{i}": t for i, t in enumerate(st["cuda"])})
+    _write_json(directory / "rng.json", document)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "rng.safetensors"))
+
+
+def _restore_rng(directory: Path, *, rank: int = 0) -> None:
     state = read_json(directory / "rng.json")
+    tensors = load_file(str(directory / "rng.safetensors"))
+    saved_ranks = state.get("ranks")
+    prefix = ""
+    if saved_ranks is not None:
+        if rank >= len(saved_ranks):
+            log.warning(
+                "checkpoint holds RNG states for %d processes; rank %d keeps its seeded RNG", len(saved_ranks), rank
+            )
+            return
+        state, prefix = saved_ranks[rank], f"rank{rank}."
+    elif rank > 0:
+        log.warning("checkpoint was saved by one process; rank %d keeps its seeded RNG", rank)
+        return
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    tensors = load_file(str(directory / "rng.safetensors"))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda_")), key=lambda k: int(k[5:]))]
+    torch.set_rng_state(tensors[f"{prefix}torch_cpu"])
+    cuda_prefix = f"{prefix}cuda_"
+    cuda = [
+        tensors[k]
+        for k in sorted((k for k in tensors if k.startswith(cuda_prefix)), key=lambda k: int(k[len(cuda_prefix) :]))
+    ]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     elif cuda and torch.cuda.is_available():
@@ -276,7 +347,7 @@ def write_model_files(
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
-    _write_json(directory / MODEL_CONFIG_FILE, scrub(config))
+    _write_json(directory / MODEL_CONFIG_FILE, scrub_config(config))
     if card is not None:
         (directory / "README.md").write_text(scrub(card))
 
@@ -639,15 +710,16 @@ class CheckpointStore:
         )
 
     # -- resume --------------------------------------------------------------------------------------------
-    def fetch_latest(self) -> Path | None:
+    def fetch_latest(self, *, remote: bool | None = None) -> Path | None:
         """The newest checkpoint's resume directory (last-checkpoint contents, verified), or None.
 
         Looks at the local checkpoints and the backend's; downloads (only last-checkpoint/) when the
-        backend's is newer. UserError when the newest one is incomplete or corrupt.
+        backend's is newer. UserError when the newest one is incomplete or corrupt. remote: whether to ask
+        the backend (default: on the main process only; the first process of another machine passes True).
         """
         local = self._local_candidates()
         best = max(local, key=lambda c: c[0]) if local else None
-        if self.backend is not None and self.is_main_process:
+        if self.backend is not None and (self.is_main_process if remote is None else remote):
             remote_step = self.backend.latest_step()
             if remote_step is not None and (best is None or remote_step > best[0]):
                 log.info("resuming from step %d in %s", remote_step, self.backend.description)

@@ -21,6 +21,7 @@ from tiny_audio.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 EXPERIMENTS_DIR = CONFIG_DIR / "experiments"
+DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
 
 
 class Section(BaseModel):
@@ -180,6 +181,16 @@ class TrainingConfig(Section):
     """auto: bf16 autocast on CUDA, fp32 on CPU. The projector's weights stay fp32 either way."""
     compile: bool = False
     """torch.compile the projector and decoder (CUDA)."""
+    deepspeed: str | None = None
+    """DeepSpeed ZeRO: zero1, zero2, zero3 (configs/deepspeed/<name>.json) or a path to a JSON config; None: DDP."""
+
+    @model_validator(mode="after")
+    def _deepspeed_known(self) -> TrainingConfig:
+        name = self.deepspeed
+        if name is not None and not (DEEPSPEED_DIR / f"{name}.json").is_file() and not name.endswith(".json"):
+            known = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
+            raise ValueError(f"training.deepspeed must be one of {known} or a path to a .json file, got {name!r}")
+        return self
 
 
 class HubConfig(Section):
@@ -191,6 +202,12 @@ class HubConfig(Section):
     """Minimum seconds between two commits (the Hub allows ~128 commits per hour per repo)."""
     flush_timeout_s: float = Field(600.0, ge=0)
     """Longest wait for pending uploads at the end of training or on a stop signal."""
+    retry_attempts: int = Field(6, ge=1)
+    """Tries per Hub call (uploads, downloads) on 429, 5xx, timeouts and dropped connections."""
+    retry_initial_s: float = Field(2.0, ge=0)
+    """First retry waits up to this long; each further one up to twice as long (random: full jitter)."""
+    retry_max_s: float = Field(60.0, ge=0)
+    """Longest wait between two tries."""
 
 
 class TrackingConfig(Section):

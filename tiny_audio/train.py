@@ -18,16 +18,24 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, broadcast_object_list, gather_object
 from transformers import get_scheduler
 
-from tiny_audio.checkpoint import CheckpointStore, read_checkpoint, write_checkpoint
-from tiny_audio.config import Config
+from tiny_audio.checkpoint import (
+    CheckpointStore,
+    RankState,
+    capture_rng,
+    manifest_step,
+    read_checkpoint,
+    scrub_config,
+    write_checkpoint,
+)
+from tiny_audio.config import DEEPSPEED_DIR, Config
 from tiny_audio.data import build_eval_batches, build_train_stream
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
-from tiny_audio.hub import scrub
+from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
@@ -63,14 +71,72 @@ class Run:
     stop: StopSignal = field(default_factory=StopSignal)
 
 
+# The launcher (docker/start.sh) exports how many processes it asked for, over every machine: a launch that
+# silently collapsed to one process is then an error instead of a slow run that looks fine.
+ASKED_WORLD_SIZE_VAR = "TINY_AUDIO_WORLD_SIZE"
+
+
+def asked_world_size(environ: dict[str, str] | None = None) -> int:
+    environ = dict(os.environ) if environ is None else environ
+    asked = 1
+    for name in ("WORLD_SIZE", ASKED_WORLD_SIZE_VAR):
+        value = environ.get(name, "").strip()
+        if value:
+            try:
+                asked = max(asked, int(value))
+            except ValueError:
+                raise UserError(f"{name} must be a whole number, got {value!r}") from None
+    return asked
+
+
+def check_world_size(actual: int, environ: dict[str, str] | None = None) -> None:
+    """UserError when more processes were asked for than joined the run (e.g. a CPU launch without a backend)."""
+    asked = asked_world_size(environ)
+    if asked > actual:
+        raise UserError(
+            f"{asked} processes were asked for but this run has {actual}: the launch did not form a process "
+            "group (on CPU use `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N` or "
+            "`torchrun --nproc_per_node N`; on GPUs check that every GPU is visible)"
+        )
+
+
+def deepspeed_config(cfg: Config, *, world_size: int, grad_accum: int, cuda: bool) -> dict[str, Any]:
+    """The experiment's DeepSpeed JSON (configs/deepspeed/<name>.json or a path) with the run's batch settings."""
+    t = cfg.training
+    name = t.deepspeed or ""
+    path = Path(name) if name.endswith(".json") else DEEPSPEED_DIR / f"{name}.json"
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"training.deepspeed: cannot read {path}: {exc}") from None
+    ds["train_micro_batch_size_per_gpu"] = t.batch_size
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["train_batch_size"] = t.batch_size * grad_accum * world_size
+    ds["gradient_clipping"] = t.max_grad_norm
+    bf16 = cuda and t.mixed_precision in ("auto", "bf16")
+    ds["bf16"] = {"enabled": bf16}
+    ds.pop("fp16", None)
+    return ds
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cuda and cfg.training.mixed_precision in ("auto", "bf16") else "no"
     # gloo lets several CPU processes train together (tests, and machines without GPUs); a single process
     # must not ask for a process group at all.
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if several and not cuda else []
-    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=handlers)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if world_size > 1 and not cuda else []
+    plugin = None
+    if cfg.training.deepspeed:
+        from accelerate.utils import DeepSpeedPlugin
+
+        accum = gradient_accumulation(cfg, world_size)
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size=world_size, grad_accum=accum, cuda=cuda))
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=handlers, deepspeed_plugin=plugin)
+
+
+def uses_deepspeed(acc: Accelerator) -> bool:
+    return acc.distributed_type == DistributedType.DEEPSPEED
 
 
 def gradient_accumulation(cfg: Config, world_size: int) -> int:
@@ -87,18 +153,24 @@ def gradient_accumulation(cfg: Config, world_size: int) -> int:
 
 
 def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> Run:
+    check_world_size(int(os.environ.get("WORLD_SIZE", "1")))  # before a process group waits for absent peers
     accelerator = make_accelerator(cfg)
+    check_world_size(accelerator.num_processes)
     is_main = accelerator.is_main_process
     secrets = [token] if token else []
     grad_accum = gradient_accumulation(cfg, accelerator.num_processes)
     if is_main:
-        log.info("config:\n%s", json.dumps(scrub(cfg.to_dict(), secrets=secrets), indent=2))
+        log.info("config:\n%s", json.dumps(scrub_config(cfg.to_dict(), secrets=secrets), indent=2))
         log.info(
-            "processes: %d | micro-batch %d | accumulation %d | global batch %d",
+            "processes: %d (%s) | micro-batch %d | accumulation %d | global batch %d%s",
             accelerator.num_processes,
+            f"DeepSpeed {cfg.training.deepspeed}" if cfg.training.deepspeed else accelerator.distributed_type.value,
             cfg.training.batch_size,
             grad_accum,
             cfg.training.batch_size * accelerator.num_processes * grad_accum,
+            " (accumulation set so the global batch is training.global_batch_size)"
+            if cfg.training.global_batch_size
+            else "",
         )
 
     cuda = accelerator.device.type == "cuda"
@@ -126,6 +198,9 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         hub=cfg.hub,
         keep=t.keep_checkpoints,
         is_main_process=is_main,
+        retry=RetryPolicy(
+            attempts=cfg.hub.retry_attempts, initial_s=cfg.hub.retry_initial_s, max_s=cfg.hub.retry_max_s
+        ),
     )
     stream = build_train_stream(
         data=cfg.data,
@@ -160,7 +235,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         cfg.tracking,
         run_id=run_id,
         run_name=cfg.experiment,
-        config=scrub(cfg.to_dict(), secrets=secrets),
+        config=scrub_config(cfg.to_dict(), secrets=secrets),
         output_dir=output_dir,
         is_main_process=is_main,
     )
@@ -180,19 +255,55 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
     )
 
 
+def find_checkpoint(run: Run) -> Path | None:
+    """The checkpoint every rank resumes from: the main process picks (and downloads) it, the others follow.
+
+    Another machine's first process downloads the same checkpoint into its own OUTPUT_DIR when the main
+    process's copy is not on its disk.
+    """
+    acc = run.accelerator
+    chosen: list[Any] = [None, None]
+    if acc.is_main_process:
+        found = run.store.fetch_latest()
+        chosen = [str(found) if found else None, manifest_step(found) if found else None]
+    if acc.num_processes == 1:
+        return Path(chosen[0]) if chosen[0] else None
+    broadcast_object_list(chosen)
+    path, step = chosen
+    if path is None:
+        return None
+    here = Path(path)
+    missing = not acc.is_main_process and not here.is_dir()
+    if missing and acc.is_local_main_process:
+        found = run.store.fetch_latest(remote=True)
+        if found is None or manifest_step(found) != step:
+            raise UserError(f"this machine could not fetch the checkpoint of step {step} the main process resumes")
+    acc.wait_for_everyone()
+    if missing:
+        local = run.store.fetch_latest(remote=False)
+        if local is None or manifest_step(local) != step:
+            raise UserError(f"this machine has no copy of the checkpoint of step {step} the main process resumes")
+        here = local
+    return here
+
+
 def resume(run: Run) -> str | None:
     """Continue from the store's latest checkpoint if there is one; returns the tracker run id to continue."""
-    directory = run.store.fetch_latest()
+    directory = find_checkpoint(run)
     if directory is None:
         log.info("no checkpoint found: starting a fresh run")
         return None
+    deepspeed = uses_deepspeed(run.accelerator)
     train_state, data_state = read_checkpoint(
         directory,
         projector=run.raw.projector,
-        optimizer=run.optimizer,
+        optimizer=None if deepspeed else run.optimizer,
         scheduler=run.scheduler,
         config=run.cfg.to_dict(),
+        rank=run.accelerator.process_index,
     )
+    if deepspeed:
+        load_deepspeed_optimizer(run, directory)
     run.stream.load_state_dict(data_state)
     run.step = int(train_state["step"])
     run.metrics = dict(train_state.get("metrics", {}))
@@ -263,6 +374,7 @@ def train_loop(run: Run) -> int:
             metrics |= projector_metrics(raw) | stream_metrics(run.stream)
             if acc.is_main_process:
                 log.info(format_step(run.step, t.max_steps, metrics, seconds_per_step=train_time / steps))
+                append_metrics(run.output_dir, run.step, metrics)
             run.tracker.log(metrics, step=run.step)
             loss_sum.zero_(), token_count.zero_(), aux_sum.zero_()
             samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
@@ -270,10 +382,31 @@ def train_loop(run: Run) -> int:
         # -- evaluate and checkpoint
         if run.eval_batches and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
             run_eval(run)
-        if run.step % t.save_steps == 0 or run.step == t.max_steps or run.stop.requested:
+        # (a periodic save is left out while updates are being skipped: the last good checkpoint stays the newest)
+        periodic = run.step % t.save_steps == 0 and run.bad_steps == 0
+        if periodic or run.step == t.max_steps or run.stop.requested:
             save(run, final=run.step >= t.max_steps)
 
     return EXIT_STOPPED if run.stop.requested and run.step < t.max_steps else 0
+
+
+def load_deepspeed_optimizer(run: Run, directory: Path) -> None:
+    """ZeRO partitions the optimizer state: every rank takes its own part, which needs the same process count."""
+    from tiny_audio.checkpoint import _load_torch
+
+    saved = _load_torch(directory / "optimizer.pt")
+    parts = saved.get("deepspeed_ranks") if isinstance(saved, dict) else None
+    if parts is None:
+        raise UserError(
+            f"{directory} was not saved under DeepSpeed; its optimizer state cannot be loaded into a ZeRO run "
+            "(resume it without training.deepspeed, or set training.resume=false to start fresh)"
+        )
+    if len(parts) != run.accelerator.num_processes:
+        raise UserError(
+            f"{directory} was saved by {len(parts)} DeepSpeed processes, this run has "
+            f"{run.accelerator.num_processes}: ZeRO optimizer state resumes with the same process count"
+        )
+    run.optimizer.optimizer.load_state_dict(parts)
 
 
 def forward_backward(
@@ -292,14 +425,32 @@ def forward_backward(
     scale = acc.num_processes / global_tokens.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     aux_sum = torch.zeros((), device=device)
+    deepspeed = uses_deepspeed(acc)
     for i, batch in enumerate(micro_batches):
-        sync = nullcontext() if i == len(micro_batches) - 1 else acc.no_sync(model)
+        last = i == len(micro_batches) - 1
+        sync = nullcontext() if last or deepspeed else acc.no_sync(model)
         with sync, acc.autocast():
             out = model(batch.audio.to(device, non_blocking=True), batch.audio_lengths.to(device), batch.texts)
-            acc.backward(out.loss_sum * scale + out.aux_loss / len(micro_batches))
+            step_loss = out.loss_sum * scale + out.aux_loss / len(micro_batches)
+            if deepspeed:
+                # the engine reduces gradients at the boundary and steps (clipping included) there; the loss is
+                # already normalised over the whole step, so it must not divide by the accumulation count again
+                model.set_gradient_accumulation_boundary(last)
+                model.backward(step_loss, scale_wrt_gas=False)
+                if last:
+                    model.step()
+            else:
+                acc.backward(step_loss)
         loss_sum += out.loss_sum.detach()
         aux_sum += out.aux_loss.detach() / len(micro_batches)
     return loss_sum, torch.tensor(float(step_tokens), device=device), aux_sum
+
+
+def append_metrics(output_dir: Path, step: int, metrics: dict[str, float]) -> None:
+    """One JSON line per logged step in OUTPUT_DIR/metrics.jsonl: the full-precision record, tracker or not."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with (output_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def format_step(step: int, max_steps: int, m: dict[str, float], *, seconds_per_step: float) -> str:
@@ -354,10 +505,21 @@ def run_eval(run: Run) -> EvalResult:
 
 
 def save(run: Run, *, final: bool) -> None:
-    """Write a checkpoint locally (atomically) and hand it to the store's background upload."""
-    if not run.accelerator.is_main_process:
+    """Write a checkpoint locally (atomically) and hand it to the store's background upload.
+
+    Every rank takes part: its RNG states and data position (and under DeepSpeed its optimizer partition) are
+    gathered to the main process, which writes the one checkpoint.
+    """
+    acc = run.accelerator
+    mine = RankState(rng=capture_rng(), data=run.stream.state_dict())
+    ranks = gather_object([mine]) if acc.num_processes > 1 else [mine]
+    optimizer_state: dict[str, Any] | None = None
+    if uses_deepspeed(acc):
+        part = run.optimizer.optimizer.state_dict()
+        optimizer_state = {"deepspeed_ranks": gather_object([part]) if acc.num_processes > 1 else [part]}
+    if not acc.is_main_process:
         return
-    config = scrub(run.cfg.to_dict(), secrets=run.secrets)
+    config = scrub_config(run.cfg.to_dict(), secrets=run.secrets)
     train_state = {
         "step": run.step,
         "tracker_run_id": run.tracker.run_id,
@@ -374,8 +536,10 @@ def save(run: Run, *, final: bool) -> None:
             optimizer=run.optimizer,
             scheduler=run.scheduler,
             train_state=train_state,
-            data_state=run.stream.state_dict(),
+            data_state=ranks[0].data,
             config=config,
+            ranks=ranks,
+            optimizer_state=optimizer_state,
         )
 
     def model_files(directory: Path) -> None:
