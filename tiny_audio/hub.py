@@ -28,8 +28,10 @@ from huggingface_hub import (
     hf_hub_download,
     snapshot_download,
 )
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
@@ -190,7 +192,7 @@ class HubRepo:
         bound_http_timeouts()
 
     # The one place calls are retried.
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _call(self, what: str, fn: Callable[[], T], *, offline_hint: str | None = None) -> T:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             wait = state.next_action.sleep if state.next_action else 0.0
@@ -215,9 +217,11 @@ class HubRepo:
         try:
             return retrying(fn)
         except OfflineModeIsEnabled:
+            hint = offline_hint or (
+                "or set training.hub_model_id to file:///abs/path or leave it unset to keep checkpoints on disk"
+            )
             raise UserError(
-                f"HF_HUB_OFFLINE is set, but {what} needs the Hub repo {self.repo_id}: unset HF_HUB_OFFLINE, or set "
-                "training.hub_model_id to file:///abs/path or leave it unset to keep checkpoints on disk"
+                f"HF_HUB_OFFLINE is set, but {what} needs the Hub repo {self.repo_id}: unset HF_HUB_OFFLINE, {hint}"
             ) from None
 
     def ensure_exists(self, *, private: bool) -> None:
@@ -329,3 +333,80 @@ class HubRepo:
             return self._call(f"list {folder}", listing)
         except (RepositoryNotFoundError, EntryNotFoundError):
             return []
+
+
+# --- base models ----------------------------------------------------------------------------------------
+
+# Weight formats a repo may hold beside safetensors: transformers reads safetensors, so the rest is not fetched.
+_OTHER_WEIGHT_FORMATS = ["*.bin", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.onnx", "*.gguf", "original/*", "onnx/*"]
+
+
+def download_model(
+    repo_id: str,
+    *,
+    revision: str | None,
+    token: str | None,
+    endpoint: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Path:
+    """A base model's files in the HF cache (HF_HOME, downloaded once per volume); the snapshot's local path.
+
+    Files already cached are not fetched again, and with HF_HUB_OFFLINE=1 a cached snapshot is used as is.
+    A repo that does not exist, is gated or private, or is not cached while offline is a one-line UserError.
+    """
+    repo = HubRepo(repo_id, token=token, revision=revision or "main", endpoint=endpoint, retry=retry or RetryPolicy())
+    fix = "check model.encoder_id / model.decoder_id"
+    try:
+        return Path(
+            repo._call(
+                f"download of {repo_id}",
+                lambda: snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    ignore_patterns=_OTHER_WEIGHT_FORMATS,
+                    endpoint=endpoint,
+                    token=token,
+                ),
+                offline_hint="or point the model id at a local directory",
+            )
+        )
+    except GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN to a token of that account"
+        ) from None
+    except RepositoryNotFoundError:
+        who = "with this HF_TOKEN" if token else "without HF_TOKEN"
+        raise UserError(f"model {repo_id} does not exist or is private ({who}): {fix}") from None
+    except LocalEntryNotFoundError as exc:
+        if hub_constants.HF_HUB_OFFLINE:
+            raise UserError(
+                f"model {repo_id} is not in the local cache (HF_HOME) and HF_HUB_OFFLINE is set: unset "
+                "HF_HUB_OFFLINE to download it once, or point the model id at a local directory"
+            ) from None
+        raise UserError(f"could not download {repo_id} from the Hub ({describe(exc.__cause__ or exc)})") from None
+    except EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
+        raise UserError(f"model {repo_id} has no revision {revision!r}: {fix} and its revision") from None
+
+
+def check_access(repo_id: str, *, repo_type: str, token: str | None, endpoint: str | None = None) -> str:
+    """Whether `repo_id` can be read with `token`, without downloading it (for `check`).
+
+    Returns "ok", "missing" (does not exist, or private and invisible to this token), "denied" (gated, or
+    the token is refused) or "unreachable" (offline, or the Hub did not answer). Never raises, never retries.
+    """
+    if hub_constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    bound_http_timeouts()
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        api.repo_info(repo_id, repo_type=repo_type, timeout=10)
+    except GatedRepoError:
+        return "denied"
+    except RepositoryNotFoundError:
+        return "missing"
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        return "denied" if status in (401, 403) else "unreachable"
+    except (httpx2.TransportError, OSError, OfflineModeIsEnabled):
+        return "unreachable"
+    return "ok"

@@ -36,7 +36,8 @@ class Report:
     def render(self) -> str:
         out = list(self.lines)
         if self.unchecked:
-            out.append("not checked (Hub unreachable or offline): " + "; ".join(self.unchecked))
+            unique = list(dict.fromkeys(self.unchecked))  # the train and eval splits of one data set: said once
+            out.append("not checked (Hub unreachable or offline): " + "; ".join(unique))
         out.append("result: " + ("ready" if not self.problems else f"{len(self.problems)} problem(s)"))
         return "\n".join(out)
 

@@ -1,0 +1,176 @@
+"""The command line as a user meets it: mistakes end in one line and exit 2 before any download; `check` prints
+the real plan offline; base models come from a Hub (the local test server) through the production loading path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+from click.testing import CliRunner
+
+from tests.hub_server import HubServer
+from tiny_audio import hub
+from tiny_audio.cli import app
+from tiny_audio.config import load_config
+from tiny_audio.errors import UserError
+from tiny_audio.model.loading import build_model, resolve_model_path
+from tiny_audio.preflight import preflight
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_cliTestTokenValue0123456789abcdef"
+
+
+def invoke(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
+    runner = CliRunner()
+    base = {"EXP": None, "HF_TOKEN": None, "HUB_MODEL_ID": None, "OUTPUT_DIR": None}
+    if cwd is None:
+        return runner.invoke(app, args, env={**base, **(env or {})}, prog_name="tiny-audio")
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, args, env={**base, **(env or {})}, prog_name="tiny-audio")
+    finally:
+        os.chdir(old)
+
+
+def one_error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert len(lines) == 1, lines  # one line, no traceback
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_unknown_experiment_exits_2_naming_those_that_exist() -> None:
+    line = one_error_line(invoke([], env={"EXP": "nope"}))
+    assert "'nope'" in line
+    for name in ("mlp", "mosa", "moe", "tiny"):
+        assert name in line
+
+
+def test_missing_experiment_says_how_to_set_it() -> None:
+    line = one_error_line(invoke(["train"]))
+    assert "EXP" in line and "mlp" in line
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("training.bogus=1", "training.bogus"),
+        ("training.max_steps=abc", "training.max_steps"),
+        ("projector.type=transformer", "projector.type"),
+        ("nosection", "nosection"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_the_key(override: str, named: str) -> None:
+    line = one_error_line(invoke(["check", override], env={"EXP": "mlp"}))
+    assert named in line
+
+
+def test_pushing_to_the_hub_without_a_token_stops_before_any_download(tmp_path: Path) -> None:
+    # the models named here do not exist anywhere: reaching a download would fail differently
+    result = invoke(
+        ["train", "training.hub_model_id=me/run", "model.decoder_id=nobody/none"],
+        env={"EXP": "mlp", "OUTPUT_DIR": str(tmp_path)},
+    )
+    line = one_error_line(result)
+    assert "HF_TOKEN" in line and "me/run" in line
+    assert not any(tmp_path.iterdir())
+
+
+def test_dotenv_in_the_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("EXP=from_dotenv\n")
+    line = one_error_line(invoke(["check"], cwd=tmp_path))
+    assert "'from_dotenv'" in line
+
+
+def test_check_prints_the_real_plan_offline(tmp_path: Path) -> None:
+    result = invoke(["check"], env={"EXP": "mlp", "OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "zai-org/GLM-ASR-Nano-2512" in out
+    assert "Qwen/Qwen3-0.6B" in out
+    assert "projector:  mlp" in out
+    # ~12.6M trainable parameters at the real widths (1280 x 4 -> 2048 -> 1024)
+    assert "12,587,008 trainable parameters" in out
+    assert "not checked" in out  # offline: says which checks it could not make
+    assert not (tmp_path / "out").exists()  # check writes nothing
+
+
+def test_help_documents_every_environment_variable() -> None:
+    result = invoke(["--help"])
+    assert result.exit_code == 0
+    for name in ("EXP", "HF_TOKEN", "HUB_MODEL_ID", "OUTPUT_DIR", "WANDB_API_KEY", "HF_HOME", "ON_FINISH"):
+        assert name in result.output
+    assert "143" in result.output  # the exit code after a signal
+
+
+def test_entrypoint_and_console_script_are_the_same_app() -> None:
+    env = {**os.environ, "EXP": "nope"}
+    script = Path(sys.executable).parent / "tiny-audio"
+    answers = []
+    for command in ([sys.executable, str(ROOT / "entrypoint.py")], [str(script)]):
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        answers.append(done.stderr.strip().splitlines())
+    assert answers[0] == answers[1]
+    assert len(answers[0]) == 1 and answers[0][0].startswith("error: unknown experiment 'nope': choose one of ")
+
+
+# --- base models on a Hub -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def model_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dirs: tuple[Path, Path]) -> Iterator[str]:
+    """A local Hub holding the tiny encoder and decoder as `org/encoder` and `org/decoder`, an empty HF cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with HubServer(token=TOKEN) as server:
+        # what HF_ENDPOINT=<server> does when huggingface_hub is imported
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+        template = server.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        for name, folder in zip(("org/encoder", "org/decoder"), tiny_model_dirs, strict=True):
+            repo = hub.HubRepo(name, token=TOKEN, endpoint=server.endpoint)
+            repo.ensure_exists(private=False)
+            repo.upload_folder(folder, message="model")
+        yield server.endpoint
+
+
+def test_base_models_download_from_the_hub_and_load_through_the_production_path(model_hub: str) -> None:
+    cfg = load_config("tiny", ["model.encoder_id=org/encoder", "model.decoder_id=org/decoder"])
+    model = build_model(cfg, device="cpu", frozen_dtype=None, token=TOKEN)
+    assert model.encoder.hidden_size == 32
+    # cached once: offline afterwards, the same snapshot is used without asking the Hub
+    first = resolve_model_path("org/decoder", revision=None, token=TOKEN)
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    assert resolve_model_path("org/decoder", revision=None, token=TOKEN) == first
+
+
+def test_a_model_that_does_not_exist_is_one_line(model_hub: str) -> None:
+    with pytest.raises(UserError, match="org/absent does not exist or is private"):
+        hub.download_model("org/absent", revision=None, token=TOKEN)
+
+
+def test_an_uncached_model_offline_says_how_to_fix_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError, match=r"not in the local cache .* HF_HUB_OFFLINE"):
+        hub.download_model("org/anything", revision=None, token=None)
+
+
+def test_check_confirms_models_on_the_hub_and_names_the_missing_one(model_hub: str, tmp_path: Path) -> None:
+    cfg = load_config("tiny", ["model.encoder_id=org/encoder", "model.decoder_id=org/not-there"])
+    report = preflight(cfg, token=TOKEN, target="me/new-run", output_dir=tmp_path)
+    text = report.render()
+    assert "reachable: model org/encoder" in text
+    assert "me/new-run will be created at the first checkpoint" in text
+    assert report.problems == ["model org/not-there does not exist on the Hub (check the id)"]
+    assert hub.check_access("org/decoder", repo_type="model", token=TOKEN) == "ok"
+    hub.HubRepo("org/private", token=TOKEN).ensure_exists(private=True)
+    assert hub.check_access("org/private", repo_type="model", token=TOKEN) == "ok"
+    assert hub.check_access("org/private", repo_type="model", token=None) == "missing"  # invisible without it
