@@ -14,7 +14,7 @@ Endpoints answered:
     GET  /api/models/{repo}/tree/{rev}[/{path}]          tree listing (recursive or not)
     POST /api/models/{repo}/preupload/{rev}              upload modes: always "regular"
     POST /api/models/{repo}/commit/{rev}                 NDJSON commit: file, deletedFile, deletedFolder
-    HEAD/GET /{repo}/resolve/{rev}/{path}                file metadata / content
+    HEAD/GET /{repo}/resolve/{rev}/{path}                file metadata / content (GET: a `Range: bytes=a-b` too)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -90,6 +91,7 @@ class HubServer:
         self.requests: list[str] = []
         self.faults: list[Fault] = []
         self.lock = threading.Lock()
+        self.bytes_served = 0  # by range requests
         self._httpd = _Server(("127.0.0.1", 0), _make_handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
 
@@ -305,6 +307,13 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(404, "EntryNotFound", f"{path} does not exist")
             data = commit.files[path]
             headers = {"ETag": f'"{git_blob_oid(data)}"', "X-Repo-Commit": commit.oid}
-            return self._send(200, raw=data, headers=headers)
+            wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if wanted is None:
+                return self._send(200, raw=data, headers=headers)
+            start = int(wanted[1])
+            stop = min(int(wanted[2]) + 1 if wanted[2] else len(data), len(data))
+            server.bytes_served += stop - start
+            headers["Content-Range"] = f"bytes {start}-{stop - 1}/{len(data)}"
+            return self._send(206, raw=data[start:stop], headers=headers)
 
     return Handler

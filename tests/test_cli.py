@@ -11,6 +11,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tests.hub_server import HubServer
@@ -18,7 +19,7 @@ from tiny_audio import hub
 from tiny_audio.cli import app
 from tiny_audio.config import load_config
 from tiny_audio.errors import UserError
-from tiny_audio.model.loading import build_model, resolve_model_path
+from tiny_audio.model.loading import TOWER_PREFIXES, build_model, resolve_model_path
 from tiny_audio.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,10 +127,13 @@ def test_entrypoint_and_console_script_are_the_same_app() -> None:
 
 
 @pytest.fixture
-def model_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dirs: tuple[Path, Path]) -> Iterator[str]:
+def model_hub(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dirs: tuple[Path, Path]
+) -> Iterator[HubServer]:
     """A local Hub holding the tiny encoder and decoder as `org/encoder` and `org/decoder`, an empty HF cache."""
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
     with HubServer(token=TOKEN) as server:
         # what HF_ENDPOINT=<server> does when huggingface_hub is imported
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
@@ -139,12 +143,12 @@ def model_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dirs: 
             repo = hub.HubRepo(name, token=TOKEN, endpoint=server.endpoint)
             repo.ensure_exists(private=False)
             repo.upload_folder(folder, message="model")
-        yield server.endpoint
+        yield server
 
 
-def test_base_models_download_from_the_hub_and_load_through_the_production_path(model_hub: str) -> None:
+def test_base_models_download_from_the_hub_and_load_through_the_production_path(model_hub: HubServer) -> None:
     cfg = load_config("tiny", ["model.encoder_id=org/encoder", "model.decoder_id=org/decoder"])
-    model = build_model(cfg, device="cpu", frozen_dtype=None, token=TOKEN)
+    model = build_model(cfg, device="cpu", frozen_dtype=torch.float32, token=TOKEN)
     assert model.encoder.hidden_size == 32
     # cached once: offline afterwards, the same snapshot is used without asking the Hub
     first = resolve_model_path("org/decoder", revision=None, token=TOKEN)
@@ -152,7 +156,37 @@ def test_base_models_download_from_the_hub_and_load_through_the_production_path(
     assert resolve_model_path("org/decoder", revision=None, token=TOKEN) == first
 
 
-def test_a_model_that_does_not_exist_is_one_line(model_hub: str) -> None:
+def test_only_the_encoders_tower_is_fetched_and_it_equals_the_full_checkpoints(
+    model_hub: HubServer, tiny_model_dirs: tuple[Path, Path]
+) -> None:
+    from safetensors import safe_open
+
+    from tiny_audio.model.encoder import load_encoder
+
+    full = tiny_model_dirs[0] / "model.safetensors"
+    with safe_open(str(full), "pt") as f:
+        names = list(f.keys())
+    part = resolve_model_path("org/encoder", revision=None, token=TOKEN, only=TOWER_PREFIXES["glmasr"])
+    with safe_open(str(part / "model.safetensors"), "pt") as f:
+        fetched = list(f.keys())
+    tower = [n for n in names if n.startswith(TOWER_PREFIXES["glmasr"])]
+    assert set(tower) <= set(fetched) < set(names)  # the LLM beside the tower stays on the Hub
+    assert (part / "model.safetensors").stat().st_size < full.stat().st_size
+    assert (part / "preprocessor_config.json").is_file()
+
+    features = torch.randn(1, 128, 40)
+    lengths = torch.tensor([40])
+    ours, _ = load_encoder(part)
+    reference, _ = load_encoder(tiny_model_dirs[0])
+    torch.testing.assert_close(ours(features, lengths)[0], reference(features, lengths)[0], rtol=0, atol=0)
+    # cached per commit: asking again fetches nothing
+    served = model_hub.bytes_served
+    assert 0 < served < full.stat().st_size
+    assert resolve_model_path("org/encoder", revision=None, token=TOKEN, only=TOWER_PREFIXES["glmasr"]) == part
+    assert model_hub.bytes_served == served
+
+
+def test_a_model_that_does_not_exist_is_one_line(model_hub: HubServer) -> None:
     with pytest.raises(UserError, match="org/absent does not exist or is private"):
         hub.download_model("org/absent", revision=None, token=TOKEN)
 
@@ -163,7 +197,7 @@ def test_an_uncached_model_offline_says_how_to_fix_it(monkeypatch: pytest.Monkey
         hub.download_model("org/anything", revision=None, token=None)
 
 
-def test_check_confirms_models_on_the_hub_and_names_the_missing_one(model_hub: str, tmp_path: Path) -> None:
+def test_check_confirms_models_on_the_hub_and_names_the_missing_one(model_hub: HubServer, tmp_path: Path) -> None:
     cfg = load_config("tiny", ["model.encoder_id=org/encoder", "model.decoder_id=org/not-there"])
     report = preflight(cfg, token=TOKEN, target="me/new-run", output_dir=tmp_path)
     text = report.render()

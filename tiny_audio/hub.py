@@ -9,9 +9,13 @@ full jitter (tenacity); anything else (401, 404, a bad request) fails at once, s
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import shutil
+import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +30,7 @@ from huggingface_hub import (
     RepoFile,
     get_session,
     hf_hub_download,
+    hf_hub_url,
     snapshot_download,
 )
 from huggingface_hub import constants as hub_constants
@@ -37,6 +42,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
+from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -348,10 +354,12 @@ def download_model(
     token: str | None,
     endpoint: str | None = None,
     retry: RetryPolicy | None = None,
+    weights: bool = True,
 ) -> Path:
     """A base model's files in the HF cache (HF_HOME, downloaded once per volume); the snapshot's local path.
 
     Files already cached are not fetched again, and with HF_HUB_OFFLINE=1 a cached snapshot is used as is.
+    weights=False: only the small files (configs, tokenizer, the safetensors index).
     A repo that does not exist, is gated or private, or is not cached while offline is a one-line UserError.
     """
     repo = HubRepo(repo_id, token=token, revision=revision or "main", endpoint=endpoint, retry=retry or RetryPolicy())
@@ -363,7 +371,7 @@ def download_model(
                 lambda: snapshot_download(
                     repo_id,
                     revision=revision,
-                    ignore_patterns=_OTHER_WEIGHT_FORMATS,
+                    ignore_patterns=_OTHER_WEIGHT_FORMATS + ([] if weights else ["*.safetensors"]),
                     endpoint=endpoint,
                     token=token,
                 ),
@@ -410,3 +418,139 @@ def check_access(repo_id: str, *, repo_type: str, token: str | None, endpoint: s
     except (httpx2.TransportError, OSError, OfflineModeIsEnabled):
         return "unreachable"
     return "ok"
+
+
+# --- part of a checkpoint -------------------------------------------------------------------------------
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_CHUNK = 8 << 20
+
+
+def download_model_part(
+    repo_id: str,
+    *,
+    prefixes: tuple[str, ...],
+    revision: str | None,
+    token: str | None,
+    endpoint: str | None = None,
+    retry: RetryPolicy | None = None,
+) -> Path:
+    """A local model folder holding a checkpoint's small files and ONLY the tensors named `prefixes*`.
+
+    For a part of a larger model (GLM-ASR-Nano-2512's audio tower is ~1.3 GB of a ~4.5 GB file): the
+    safetensors header is read first, then only the byte range holding those tensors, with HTTP range
+    requests (a broken transfer continues where it stopped). The result is a valid `model.safetensors`
+    cached under HF_HOME per commit, so a volume downloads it once.
+    """
+    retry = retry or RetryPolicy()
+    snapshot = Path(
+        download_model(repo_id, revision=revision, token=token, endpoint=endpoint, retry=retry, weights=False)
+    )
+    commit = snapshot.name  # snapshots/<commit sha>
+    key = hashlib.sha256("\n".join(prefixes).encode()).hexdigest()[:12]
+    folder = Path(hub_constants.HF_HOME) / "tiny-audio" / "parts" / repo_id.replace("/", "--") / f"{commit}-{key}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    repo = HubRepo(repo_id, token=token, revision=commit, endpoint=endpoint, retry=retry)
+    index = snapshot / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
+    else:
+        files = ["model.safetensors"]
+    tmp = folder.with_name(folder.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    headers: dict[str, Any] = {}
+    bodies: list[Path] = []
+    for i, filename in enumerate(files):
+        part_header, body = _fetch_tensors(repo, filename, prefixes=prefixes, into=tmp / f"body-{i}")
+        headers[filename] = part_header
+        bodies.append(body)
+    _write_safetensors(tmp / "model.safetensors", headers=list(headers.values()), bodies=bodies)
+    for body in bodies:
+        body.unlink()
+    for item in snapshot.iterdir():
+        if item.is_file() and item.name != SAFETENSORS_INDEX:
+            shutil.copyfile(item, tmp / item.name)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)  # complete or absent: a half-fetched part is never taken for a whole one
+    return folder
+
+
+def _fetch_tensors(repo: HubRepo, filename: str, *, prefixes: tuple[str, ...], into: Path) -> tuple[dict, Path]:
+    """Read `filename`'s header, then the smallest byte range holding every tensor named `prefixes*`.
+
+    Returns the header entries of the tensors inside that range (offsets relative to its start) and the
+    file holding the range. Tensors of other names that lie inside the range come along, since a
+    safetensors buffer may hold no gaps.
+    """
+    url = hf_hub_url(repo.repo_id, filename, revision=repo.revision, endpoint=repo.endpoint)
+    size = struct.unpack("<Q", _ranged(repo, url, 0, 8))[0]
+    header = json.loads(_ranged(repo, url, 8, 8 + size))
+    header.pop("__metadata__", None)
+    wanted = {name: info for name, info in header.items() if name.startswith(prefixes)}
+    if not wanted:
+        raise UserError(f"{repo.repo_id}/{filename} holds no tensor named {' or '.join(prefixes)}*")
+    begin = min(info["data_offsets"][0] for info in wanted.values())
+    end = max(info["data_offsets"][1] for info in wanted.values())
+    inside = {
+        name: {**info, "data_offsets": [info["data_offsets"][0] - begin, info["data_offsets"][1] - begin]}
+        for name, info in header.items()
+        if begin <= info["data_offsets"][0] and info["data_offsets"][1] <= end
+    }
+    _ranged_to_file(repo, url, 8 + size + begin, 8 + size + end, into)
+    log.info("fetched %.1f MB of %s/%s (%d tensors)", (end - begin) / 1e6, repo.repo_id, filename, len(inside))
+    return inside, into
+
+
+def _ranged(repo: HubRepo, url: str, start: int, stop: int) -> bytes:
+    """Bytes [start, stop) of a Hub file."""
+
+    def get() -> bytes:
+        headers = build_hf_headers(token=repo.token) | {"Range": f"bytes={start}-{stop - 1}"}
+        response = get_session().get(url, headers=headers, follow_redirects=True)
+        hf_raise_for_status(response)
+        return response.content[: stop - start]
+
+    return repo._call(f"range read of {url.rsplit('/', 1)[-1]}", get)
+
+
+def _ranged_to_file(repo: HubRepo, url: str, start: int, stop: int, path: Path) -> None:
+    """Bytes [start, stop) of a Hub file streamed into `path`; a retry continues from what already arrived."""
+    path.write_bytes(b"")
+
+    def get() -> None:
+        done = path.stat().st_size
+        if start + done >= stop:
+            return
+        headers = build_hf_headers(token=repo.token) | {"Range": f"bytes={start + done}-{stop - 1}"}
+        with get_session().stream("GET", url, headers=headers, follow_redirects=True) as response:
+            hf_raise_for_status(response)
+            with path.open("ab") as out:
+                for chunk in response.iter_bytes(_CHUNK):
+                    out.write(chunk)
+        if path.stat().st_size != stop - start:
+            raise ConnectionError(f"transfer ended at {path.stat().st_size} of {stop - start} bytes")
+
+    repo._call(f"download of {url.rsplit('/', 1)[-1]}", get)
+
+
+def _write_safetensors(path: Path, *, headers: list[dict], bodies: list[Path]) -> None:
+    """One safetensors file from several (header entries, data) parts, the parts' data one after another."""
+    entries: dict[str, Any] = {}
+    shift = 0
+    for part, body in zip(headers, bodies, strict=True):
+        for name, info in part.items():
+            lo, hi = info["data_offsets"]
+            entries[name] = {**info, "data_offsets": [lo + shift, hi + shift]}
+        shift += body.stat().st_size
+    entries["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(entries, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as out:
+        out.write(struct.pack("<Q", len(encoded)))
+        out.write(encoded)
+        for body in bodies:
+            with body.open("rb") as src:
+                shutil.copyfileobj(src, out, _CHUNK)

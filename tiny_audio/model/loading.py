@@ -15,8 +15,17 @@ from tiny_audio.model.projectors import build_projector
 ASSET_SCHEME = "asset://"
 
 
-def resolve_model_path(ref: str, *, revision: str | None, token: str | None) -> Path:
-    """`asset://tiny/encoder` (shipped in the package), a local directory, or a Hub repo id -> a local directory."""
+# Where each encoder's tower sits inside its full speech-LLM checkpoint on the Hub: only those tensors are fetched.
+TOWER_PREFIXES = {"glmasr": ("audio_tower.", "model.audio_tower."), "whisper": ("model.encoder.",)}
+
+
+def resolve_model_path(
+    ref: str, *, revision: str | None, token: str | None, only: tuple[str, ...] | None = None
+) -> Path:
+    """`asset://tiny/encoder` (shipped in the package), a local directory, or a Hub repo id -> a local directory.
+
+    only: for a Hub repo, fetch just the tensors whose names start with these prefixes (an encoder's tower).
+    """
     if ref.startswith(ASSET_SCHEME):
         from tiny_audio.assets import resolve_asset
 
@@ -26,6 +35,8 @@ def resolve_model_path(ref: str, *, revision: str | None, token: str | None) -> 
         return local
     from tiny_audio import hub  # all network I/O lives there
 
+    if only:
+        return hub.download_model_part(ref, prefixes=only, revision=revision, token=token)
     return hub.download_model(ref, revision=revision, token=token)
 
 
@@ -51,7 +62,9 @@ def build_model(
 ) -> ASRModel:
     """Load encoder + decoder (frozen, `frozen_dtype`) and build a fresh fp32 projector, all on `device`."""
     m = cfg.model
-    encoder_path = resolve_model_path(m.encoder_id, revision=m.encoder_revision, token=token)
+    encoder_path = resolve_model_path(
+        m.encoder_id, revision=m.encoder_revision, token=token, only=TOWER_PREFIXES[m.encoder_type]
+    )
     decoder_path = resolve_model_path(m.decoder_id, revision=m.decoder_revision, token=token)
     encoder, extractor = load_encoder(
         encoder_path, kind=m.encoder_type, attn_implementation=m.attn_implementation, dtype=frozen_dtype
