@@ -26,6 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_cliTestTokenValue0123456789abcdef"
 
 
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Commands configure logging for a process; leave the test session's (pytest's capture) as it was."""
+    import logging
+
+    names = ["", "tiny_audio", "huggingface_hub", "transformers", "datasets", "accelerate"]
+    saved = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names
+    }
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
 def invoke(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):
     runner = CliRunner()
     base = {"EXP": None, "HF_TOKEN": None, "HUB_MODEL_ID": None, "OUTPUT_DIR": None}
@@ -208,3 +224,18 @@ def test_check_confirms_models_on_the_hub_and_names_the_missing_one(model_hub: H
     hub.HubRepo("org/private", token=TOKEN).ensure_exists(private=True)
     assert hub.check_access("org/private", repo_type="model", token=TOKEN) == "ok"
     assert hub.check_access("org/private", repo_type="model", token=None) == "missing"  # invisible without it
+
+
+def test_library_warnings_pass_the_secret_filter_too(capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    import datasets  # noqa: F401  (libraries install their own handlers on import)
+
+    from tiny_audio.cli import setup_logging
+
+    setup_logging(secrets=[TOKEN])
+    for name in ("tiny_audio.train", "huggingface_hub.file_download", "datasets.load", "urllib3.connectionpool"):
+        logging.getLogger(name).warning("request with %s failed", TOKEN)
+    out, err = capfd.readouterr()
+    assert TOKEN not in out + err
+    assert (out + err).count("<redacted>") == 4

@@ -72,6 +72,16 @@ def setup_logging(*, secrets: list[str], is_main: bool = True) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     logger.propagate = False
+    # Libraries' warnings (huggingface_hub, datasets, ...) pass the same secret filter, prefixed by their source.
+    other = logging.StreamHandler(sys.stderr)
+    other.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+    other.addFilter(ScrubFilter(secrets=secrets))
+    logging.root.handlers[:] = [other]
+    logging.root.setLevel(logging.WARNING)
+    for name in ("huggingface_hub", "transformers", "datasets", "accelerate"):
+        library = logging.getLogger(name)  # these bring their own handlers, which would print unfiltered
+        library.handlers[:] = []
+        library.propagate = True
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # load reports of the tower-only load are expected
