@@ -142,6 +142,7 @@ def test_more_processes_asked_than_joined_is_an_error() -> None:
 # --- the entrypoint end to end -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a subprocess: ~15 s of imports and model loading
 def test_entrypoint_trains_tiny_and_its_checkpoint_loads_back(tmp_path: Path) -> None:
     out = tmp_path / "run"
     result = run_entrypoint(out, "training.max_steps=4", "training.save_steps=2")
@@ -237,3 +238,33 @@ def test_several_non_finite_steps_in_a_row_stop_the_run_keeping_the_last_checkpo
     assert "training.learning_rate" in message and "\n" not in message
     checkpoints = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == ["step-00000002"]
+
+
+# --- tracking ----------------------------------------------------------------------------------------------
+
+
+def test_wandb_is_online_with_a_key_offline_without_and_never_asks(tmp_path: Path) -> None:
+    from tiny_audio.config import TrackingConfig
+    from tiny_audio.errors import UserError
+    from tiny_audio.tracking import NullTracker, resolve_mode, start_tracker
+
+    home = {"HOME": str(tmp_path)}  # no ~/.netrc there
+    assert resolve_mode(TrackingConfig(), {**home, "WANDB_API_KEY": "k" * 40}) == "online"
+    assert resolve_mode(TrackingConfig(), home) == "offline"
+    assert resolve_mode(TrackingConfig(mode="disabled"), {**home, "WANDB_API_KEY": "k" * 40}) == "disabled"
+    assert resolve_mode(TrackingConfig(backend="none"), home) == "disabled"
+    with pytest.raises(UserError, match=r"tracking\.mode=online needs a W&B key"):
+        resolve_mode(TrackingConfig(mode="online"), home)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "p" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_mode(TrackingConfig(mode="online"), home) == "online"
+    # other processes than the main one never start a run, and keep the id they were given
+    tracker = start_tracker(
+        TrackingConfig(mode="offline"),
+        run_id="abc123",
+        run_name="tiny",
+        config={},
+        output_dir=tmp_path,
+        is_main_process=False,
+    )
+    assert isinstance(tracker, NullTracker) and tracker.run_id == "abc123"

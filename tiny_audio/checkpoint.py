@@ -297,7 +297,7 @@ def _write_rng(directory: Path, *, ranks: list[RankState] | None = None) -> None
             tensors[f"rank{r}.torch_cpu"] = st["torch_cpu"]
             tensors.update({f"rank{r}.cuda_{i}": t for i, t in enumerate(st["cuda"])})
     _write_json(directory / "rng.json", document)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "rng.safetensors"))
+    save_file({k: v.clone() for k, v in tensors.items()}, str(directory / "rng.safetensors"))
 
 
 def _restore_rng(directory: Path, *, rank: int = 0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tiny_audio.config import TrackingConfig
+from tiny_audio.errors import UserError
 
 
 class Tracker(Protocol):
@@ -55,12 +56,32 @@ class WandbTracker:
         self.run.finish()
 
 
-def resolve_mode(cfg: TrackingConfig) -> str:
+def resolve_mode(cfg: TrackingConfig, environ: dict[str, str] | None = None) -> str:
+    """online / offline / disabled. `online` without a key would make wandb ask for one on the terminal (and
+    hang a container): that is a UserError instead, unless a `wandb login` left the key in ~/.netrc."""
+    environ = dict(os.environ) if environ is None else environ
     if cfg.backend == "none":
         return "disabled"
+    has_key = bool(environ.get("WANDB_API_KEY"))
+    if cfg.mode == "online" and not has_key and not _logged_in(environ):
+        raise UserError(
+            "tracking.mode=online needs a W&B key: set WANDB_API_KEY, or use tracking.mode=offline (sync later "
+            "with `wandb sync`) or tracking.mode=disabled"
+        )
     if cfg.mode != "auto":
         return cfg.mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return "online" if has_key else "offline"
+
+
+def _logged_in(environ: dict[str, str]) -> bool:
+    """Whether `wandb login` stored a key for api.wandb.ai in the netrc file."""
+    import netrc
+
+    path = environ.get("NETRC") or str(Path(environ.get("HOME", str(Path.home()))) / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def new_run_id() -> str:

@@ -39,7 +39,7 @@ from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
-from tiny_audio.tracking import Tracker, start_tracker
+from tiny_audio.tracking import Tracker, resolve_mode, start_tracker
 
 log = logging.getLogger("tiny_audio")
 
@@ -157,6 +157,8 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator.num_processes)
     is_main = accelerator.is_main_process
+    if is_main:
+        resolve_mode(cfg.tracking)  # online W&B without a key: an error now, not after loading the models
     secrets = [token] if token else []
     grad_accum = gradient_accumulation(cfg, accelerator.num_processes)
     if is_main:
@@ -164,7 +166,9 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         log.info(
             "processes: %d (%s) | micro-batch %d | accumulation %d | global batch %d%s",
             accelerator.num_processes,
-            f"DeepSpeed {cfg.training.deepspeed}" if cfg.training.deepspeed else accelerator.distributed_type.value,
+            f"DeepSpeed {cfg.training.deepspeed}"
+            if cfg.training.deepspeed
+            else ("single process" if accelerator.num_processes == 1 else accelerator.distributed_type.value),
             cfg.training.batch_size,
             grad_accum,
             cfg.training.batch_size * accelerator.num_processes * grad_accum,
@@ -327,7 +331,8 @@ def train_loop(run: Run) -> int:
     samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
     grad_norm = torch.zeros((), device=device)
 
-    while run.step < t.max_steps and not run.stop.requested:
+    stopping = False
+    while run.step < t.max_steps and not stopping:
         # -- data: every micro-batch of the step, so the loss can be normalised by the step's label tokens
         t0 = time.perf_counter()
         micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
@@ -384,10 +389,20 @@ def train_loop(run: Run) -> int:
             run_eval(run)
         # (a periodic save is left out while updates are being skipped: the last good checkpoint stays the newest)
         periodic = run.step % t.save_steps == 0 and run.bad_steps == 0
-        if periodic or run.step == t.max_steps or run.stop.requested:
+        stopping = stop_agreed(run)
+        if periodic or run.step == t.max_steps or stopping:
             save(run, final=run.step >= t.max_steps)
 
-    return EXIT_STOPPED if run.stop.requested and run.step < t.max_steps else 0
+    return EXIT_STOPPED if stopping and run.step < t.max_steps else 0
+
+
+def stop_agreed(run: Run) -> bool:
+    """Whether any rank got a stop signal: every rank stops (and saves) after the SAME step, or the ones that
+    went on would wait forever for the others in the next collective."""
+    if run.accelerator.num_processes == 1:
+        return run.stop.requested
+    flag = torch.tensor(float(run.stop.requested), device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
 def load_deepspeed_optimizer(run: Run, directory: Path) -> None:
@@ -406,7 +421,8 @@ def load_deepspeed_optimizer(run: Run, directory: Path) -> None:
             f"{directory} was saved by {len(parts)} DeepSpeed processes, this run has "
             f"{run.accelerator.num_processes}: ZeRO optimizer state resumes with the same process count"
         )
-    run.optimizer.optimizer.load_state_dict(parts)
+    # fp32 master weights from the checkpoint itself (the model may hold bf16 copies of them)
+    run.optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
 
 
 def forward_backward(
@@ -550,17 +566,21 @@ def save(run: Run, *, final: bool) -> None:
 
 
 def cleanup(run: Run) -> None:
-    run.stop.uninstall()
-    run.stream.close()
-    if run.accelerator.is_main_process:
-        flushed = run.store.flush(timeout=run.cfg.hub.flush_timeout_s)
-        if not flushed:
-            log.warning(
-                "uploads still pending after %.0fs; the local checkpoint is complete", run.cfg.hub.flush_timeout_s
-            )
-    run.store.close()
-    run.tracker.finish()
-    run.accelerator.end_training()
+    # The stop handler stays installed while uploads are flushed: a (second) signal during a slow flush exits.
+    try:
+        run.stream.close()
+        if run.accelerator.is_main_process:
+            flushed = run.store.flush(timeout=run.cfg.hub.flush_timeout_s)
+            if not flushed:
+                log.warning(
+                    "uploads still pending after %.0fs; the local checkpoint is complete",
+                    run.cfg.hub.flush_timeout_s,
+                )
+        run.store.close()
+        run.tracker.finish()
+        run.accelerator.end_training()
+    finally:
+        run.stop.uninstall()
 
 
 def train(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> int:

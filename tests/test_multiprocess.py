@@ -1,0 +1,216 @@
+"""Several processes on CPU (gloo): real torchrun launches of the trainer, world size asserted every time.
+
+Run as a script under torchrun (`torchrun ... tests/test_multiprocess.py OUT override...`), this file is the
+worker: the trainer's own setup/train_loop with the data stream's sample keys recorded, and each rank's
+view of the run dumped to OUT/rank<r>.json + OUT/rank<r>.safetensors for the tests to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.slow  # every test starts 2-3 processes of the trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICK = [
+    "data.eval=null",
+    "data.num_workers=1",
+    "tracking.mode=disabled",
+    "training.warmup_steps=2",
+    "training.logging_steps=1",
+]
+# The same samples in the same steps whatever the process count: rank r takes global indices r, r + N, ...
+SAME_ORDER = ["data.shuffle=false", "data.bucket_batches=1"]
+
+
+def torchrun(n: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
+
+
+def launch(command: list[str], output_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EXP": "tiny", "OUTPUT_DIR": str(output_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def entrypoint(n: int, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    script = [str(ROOT / "entrypoint.py"), "train", *QUICK, *overrides]
+    command = torchrun(n, *script) if n > 1 else [sys.executable, *script]
+    result = launch(command, output_dir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    assert f"processes: {n} " in result.stdout, result.stdout[-3000:]  # the world size the run really had
+    return result
+
+
+def worker(n: int, output_dir: Path, *overrides: str) -> list[dict[str, Any]]:
+    result = launch(torchrun(n, __file__, str(output_dir), *overrides), output_dir)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    views = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in range(n)]
+    assert [v["world_size"] for v in views] == [n] * n
+    assert [v["rank"] for v in views] == list(range(n))
+    return views
+
+
+def projector(output_dir: Path, rank: int) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / f"rank{rank}.safetensors"))
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {m["step"]: m["train/loss"] for m in map(json.loads, lines)}
+
+
+def test_two_processes_see_different_samples_and_keep_identical_projectors(tmp_path: Path) -> None:
+    import torch
+
+    views = worker(2, tmp_path, "training.max_steps=3", "training.batch_size=2")
+    keys = [set(v["keys"]) for v in views]
+    assert all(len(k) == 6 for k in keys)
+    assert not keys[0] & keys[1]
+    first, second = projector(tmp_path, 0), projector(tmp_path, 1)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_two_processes_of_batch_b_match_one_process_of_batch_2b(tmp_path: Path) -> None:
+    import torch
+
+    steps = ["training.max_steps=3", *SAME_ORDER]
+    two = worker(2, tmp_path / "two", *steps, "training.batch_size=2")
+    one = worker(1, tmp_path / "one", *steps, "training.batch_size=4")
+    assert sorted(two[0]["keys"] + two[1]["keys"]) == sorted(one[0]["keys"])
+    for step, loss in losses(tmp_path / "one").items():
+        assert losses(tmp_path / "two")[step] == pytest.approx(loss, rel=1e-4), step
+    a, b = projector(tmp_path / "two", 0), projector(tmp_path / "one", 0)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def interrupted_after(output_dir: Path, step: int, steps: int) -> dict[int, float]:
+    """A finished run made to look stopped at `step`: later checkpoints and metrics removed; the removed losses."""
+    for path in (output_dir / "checkpoints").glob("step-*"):
+        if int(path.name.removeprefix("step-")) > step:
+            shutil.rmtree(path)
+    full = losses(output_dir)
+    assert sorted(full) == list(range(1, steps + 1))
+    (output_dir / "metrics.jsonl").unlink()
+    return {s: loss for s, loss in full.items() if s > step}
+
+
+def test_a_two_process_checkpoint_resumes_in_two_processes_and_in_one(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    run = ["training.max_steps=6", "training.save_steps=3", "training.batch_size=2", "training.global_batch_size=4"]
+    entrypoint(2, first, *run)
+    resume_dir = first / "checkpoints" / "step-00000003" / "last-checkpoint"
+    ranks = json.loads((resume_dir / "ranks.json").read_text())
+    assert ranks["world_size"] == 2 and [d["layout"]["rank"] for d in ranks["data"]] == [0, 1]
+    assert len(json.loads((resume_dir / "rng.json").read_text())["ranks"]) == 2
+    expected = interrupted_after(first, 3, 6)
+
+    one = tmp_path / "one"
+    shutil.copytree(first, one)
+    again = entrypoint(2, first, *run)
+    assert "at step 3" in again.stdout
+    got = losses(first)
+    assert sorted(got) == [4, 5, 6]
+    for step, loss in got.items():  # the same losses as the uninterrupted run: data position and RNG restored
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+
+    alone = entrypoint(1, one, *run)
+    assert "at step 3" in alone.stdout and "accumulation 2 | global batch 4" in alone.stdout
+    assert sorted(losses(one)) == [4, 5, 6]
+
+
+def test_a_collapsed_launch_is_an_error(tmp_path: Path) -> None:
+    env_command = [sys.executable, str(ROOT / "entrypoint.py"), "train", *QUICK, "training.max_steps=1"]
+    result = subprocess.run(
+        env_command,
+        env={**os.environ, "EXP": "tiny", "OUTPUT_DIR": str(tmp_path), "TINY_AUDIO_WORLD_SIZE": "2"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: 2 processes were asked for but this run has 1" in result.stderr
+
+
+def test_deepspeed_zero2_trains_resumes_and_its_projector_loads_without_it(tmp_path: Path) -> None:
+    import torch
+
+    from tiny_audio.export import load_trained
+
+    # the first DeepSpeed start on a machine compiles a CPU op (~45 s, cached in ~/.cache/torch_extensions)
+    run = ["training.deepspeed=zero2", "training.batch_size=2", "training.max_steps=5", "training.save_steps=3"]
+    first = entrypoint(2, tmp_path, *run)
+    assert "DeepSpeed zero2" in first.stdout
+    saved = torch.load(tmp_path / "checkpoints/step-00000003/last-checkpoint/optimizer.pt", weights_only=True)
+    assert len(saved["deepspeed_ranks"]) == 2  # each rank's ZeRO partition
+    expected = interrupted_after(tmp_path, 3, 5)
+
+    again = entrypoint(2, tmp_path, *run)
+    assert "at step 3" in again.stdout
+    got = losses(tmp_path)
+    assert sorted(got) == [4, 5]
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+
+    model, cfg = load_trained(tmp_path / "checkpoints/step-00000005", device=torch.device("cpu"))
+    assert cfg.training.deepspeed == "zero2"
+    weights = load_file_cpu(tmp_path / "checkpoints/step-00000005/last-checkpoint/projector.safetensors")
+    for name, tensor in model.projector.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
+
+
+def load_file_cpu(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --- the worker ------------------------------------------------------------------------------------------
+
+
+def _work(output_dir: Path, overrides: list[str]) -> None:
+    from safetensors.torch import save_model
+
+    from tiny_audio.config import load_config
+    from tiny_audio.train import cleanup, setup, train_loop
+
+    cfg = load_config("tiny", [*QUICK, "training.resume=false", "training.save_steps=1000", *overrides])
+    run = setup(cfg, output_dir=output_dir, token=None, target=None)
+    keys: list[str] = []
+    stream = run.stream
+
+    class Recorder:
+        def __next__(self) -> Any:
+            batch = next(stream)
+            keys.extend(batch.keys)
+            return batch
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(stream, name)
+
+    run.stream = Recorder()
+    try:
+        code = train_loop(run)
+    finally:
+        cleanup(run)
+    acc = run.accelerator
+    view = {"rank": acc.process_index, "world_size": acc.num_processes, "keys": keys, "code": code}
+    (output_dir / f"rank{acc.process_index}.json").write_text(json.dumps(view))
+    save_model(run.raw.projector, str(output_dir / f"rank{acc.process_index}.safetensors"))
+
+
+if __name__ == "__main__":
+    _work(Path(sys.argv[1]), sys.argv[2:])
