@@ -24,8 +24,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv and install the project with its dev tools
 
-train: setup  ## train EXP (default: tiny, offline on CPU in minutes)
-	EXP=$(EXP) $(BIN)/python entrypoint.py train
+train: setup  ## train EXP (default tiny, offline on CPU) as the image does: one process per GPU (ARGS=overrides)
+	EXP=$(EXP) PYTHON=$(abspath $(BIN)/python) docker/start.sh train $(ARGS)
 
 check: setup  ## validate EXP's config and environment, download nothing
 	EXP=$(EXP) $(BIN)/python entrypoint.py check

@@ -44,16 +44,18 @@ is_positive "$machines" || die "NUM_MACHINES must be a whole number >= 1, got '$
 if (( processes == 1 && machines == 1 )); then
   launch=("$PYTHON" "$ENTRYPOINT" train "$@")
 else
-  # accelerate's --num_processes counts every process of every machine.
-  launch=(accelerate launch --multi_gpu --num_processes "$(( processes * machines ))" --num_machines "$machines")
+  # accelerate's --num_processes counts every process of every machine. Run as a module of $PYTHON, so the
+  # launcher is the one of the trainer's environment whether or not its bin/ is on PATH (`make train`).
+  launch=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$(( processes * machines ))"
+    --num_machines "$machines" --dynamo_backend no)
   if (( machines > 1 )); then
     [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine 0)"
     launch+=(--machine_rank "${MACHINE_RANK:-0}" --main_process_ip "$MAIN_PROCESS_IP")
   fi
   launch+=(--main_process_port "${MAIN_PROCESS_PORT:-29500}")
-  # Without this, `--multi_gpu` on a machine with no GPU silently runs every process as rank 0 of 1.
-  (( gpus > 0 )) || export ACCELERATE_USE_CPU=true
   launch+=("$ENTRYPOINT" train "$@")
+  # Without this, `--multi_gpu` on a machine with no GPU silently runs every process as rank 0 of 1.
+  (( gpus > 0 )) || launch=(env ACCELERATE_USE_CPU=true "${launch[@]}")
 fi
 
 if [[ "${START_DRY_RUN:-0}" == "1" ]]; then

@@ -147,20 +147,40 @@ def test_start_runs_one_process_without_gpu() -> None:
     assert "no GPU visible" in done.stderr
 
 
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+
+
 def test_start_launches_one_process_per_gpu() -> None:
     done = _dry_run("train", "training.max_steps=5", NUM_GPUS="4")
     assert done.returncode == 0, done.stderr
-    words = done.stdout.split()
-    assert words[:4] == ["accelerate", "launch", "--multi_gpu", "--num_processes"] and words[4] == "4"
-    assert words[-3:] == [str(ROOT / "entrypoint.py"), "train", "training.max_steps=5"]
+    assert done.stdout.split() == [
+        *ACCELERATE,
+        *("--num_processes", "4", "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "29500"),
+        *(str(ROOT / "entrypoint.py"), "train", "training.max_steps=5"),
+    ]
+
+
+def test_start_process_count_overrides() -> None:
+    fewer = _dry_run(NUM_GPUS="8", NUM_PROCESSES="2", MAIN_PROCESS_PORT="29600").stdout.split()
+    assert fewer[: len(ACCELERATE)] == ACCELERATE and fewer[fewer.index("--num_processes") + 1] == "2"
+    assert fewer[fewer.index("--main_process_port") + 1] == "29600"
+    one = _dry_run(NUM_GPUS="8", NUM_PROCESSES="1").stdout.split()
+    assert one[:3] == [sys.executable, str(ROOT / "entrypoint.py"), "train"]
+    # Several processes without a GPU: on CPU, said to accelerate (else each would run as rank 0 of 1).
+    cpu = _dry_run(NUM_GPUS="0", NUM_PROCESSES="2")
+    assert cpu.stdout.split()[: 2 + len(ACCELERATE)] == ["env", "ACCELERATE_USE_CPU=true", *ACCELERATE], cpu.stderr
 
 
 def test_start_several_machines() -> None:
     done = _dry_run(NUM_GPUS="8", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.0.0.1")
     text = done.stdout
-    assert "--num_processes 16 --num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.1" in text, done.stderr
+    assert "--num_processes 16 --num_machines 2 --dynamo_backend no --machine_rank 1 --main_process_ip 10.0.0.1" in text
+    assert "--main_process_port 29500" in text, done.stderr
     missing = _dry_run(NUM_GPUS="8", NUM_MACHINES="2")
     assert missing.returncode == 2 and "MAIN_PROCESS_IP" in missing.stderr
+    # A machine without GPU still joins a multi-machine run as one process.
+    worker = _dry_run(NUM_GPUS="0", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.0.0.1").stdout
+    assert "--num_processes 2 --num_machines 2" in worker and worker.startswith("env ACCELERATE_USE_CPU=true")
 
 
 def test_start_refuses_a_real_experiment_without_gpu_in_one_line() -> None:
@@ -184,6 +204,32 @@ def test_push_image_pushes_revision_and_latest_to_the_registry() -> None:
     lines = _make("push-image", "DOCKER=podman", "REGISTRY=127.0.0.1:5000", "OWNER=me", "TAG=abc", "PUSH_ARGS=-q")
     assert "podman push -q 127.0.0.1:5000/me/tiny-audio:abc" in lines
     assert "podman push -q 127.0.0.1:5000/me/tiny-audio:latest" in lines
+
+
+def test_make_train_goes_through_the_start_script() -> None:
+    (line,) = [x for x in _make("train", "EXP=mlp", "ARGS=training.max_steps=5") if "start.sh" in x]
+    assert "EXP=mlp" in line and line.endswith("docker/start.sh train training.max_steps=5")
+    assert f"PYTHON={ROOT}/.venv/bin/python" in line
+
+
+@pytest.mark.slow
+def test_start_launches_two_real_processes_on_cpu(tmp_path: Path) -> None:
+    """What start.sh builds for NUM_PROCESSES=2 on a machine without GPU really trains with a world size of 2."""
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "EXP": "tiny",
+        "NUM_GPUS": "0",
+        "NUM_PROCESSES": "2",
+        "MAIN_PROCESS_PORT": "29517",
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "OMP_NUM_THREADS": "1",
+    }
+    overrides = ["training.max_steps=2", "training.batch_size=2", "data.eval=null", "tracking.mode=disabled"]
+    done = _run("bash", str(START), *overrides, env=env, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "processes: 2 " in done.stdout, done.stdout[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "step-00000002").is_dir()
 
 
 def test_build_image_passes_base_wheels_and_labels() -> None:
