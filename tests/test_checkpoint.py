@@ -275,3 +275,52 @@ def test_secrets_never_reach_the_files_written(tmp_path: Path) -> None:
     written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert TOKEN.encode() not in written and b"plain-secret-value" not in written
     assert b"<redacted>" in written
+
+
+def test_every_rank_gets_back_its_own_rng_and_data_position(tmp_path: Path) -> None:
+    from tiny_audio.checkpoint import RankState, capture_rng
+
+    run = Run()
+    ranks = []
+    for r in range(2):  # two "processes": different generator states, different data positions
+        random.seed(10 + r), np.random.seed(20 + r), torch.manual_seed(30 + r)
+        ranks.append(RankState(rng=capture_rng(), data={"position": r}))
+    expected = []
+    for r in range(2):
+        random.seed(10 + r), np.random.seed(20 + r), torch.manual_seed(30 + r)
+        expected.append(draws())
+    write_checkpoint(
+        tmp_path,
+        projector=run.projector,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        train_state={"step": 1},
+        data_state=ranks[0].data,
+        config=run.config,
+        ranks=ranks,
+    )
+    for r in range(2):
+        projector = Run().projector
+        draws()
+        _, data = read_checkpoint(tmp_path, projector=projector, optimizer=None, scheduler=None, rank=r)
+        got = draws()
+        assert data == {"position": r}
+        assert got[:2] == expected[r][:2] and torch.equal(got[2], expected[r][2]), r
+    # a rank the saving run did not have keeps its own (seeded) generators and takes the last rank's position
+    projector = Run().projector  # (seeds torch itself)
+    torch.manual_seed(77)
+    state = torch.get_rng_state()
+    _, data = read_checkpoint(tmp_path, projector=projector, optimizer=None, scheduler=None, rank=2)
+    assert torch.equal(torch.get_rng_state(), state) and data == {"position": 1}
+
+
+def test_saved_configs_keep_settings_named_like_tokens(tmp_path: Path) -> None:
+    run = Run()
+    config = dict(run.config)
+    config["data"] = {**config["data"], "max_new_tokens": 64, "max_label_tokens": 128}
+    config["hub"] = {**config["hub"], "note": f"pushed with {TOKEN}"}
+    run.write(tmp_path, step=1, config=config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["data"]["max_new_tokens"] == 64 and saved["data"]["max_label_tokens"] == 128
+    assert TOKEN not in json.dumps(saved)
+    Config.model_validate({k: v for k, v in saved.items() if k != "hub"})  # loadable again

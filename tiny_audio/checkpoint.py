@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -40,7 +41,16 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from tiny_audio.config import HubConfig
 from tiny_audio.errors import UserError
-from tiny_audio.hub import HubRepo, RetryPolicy, describe, is_hub_repo, repo_id_of, require_token, scrub
+from tiny_audio.hub import (
+    REDACTED,
+    HubRepo,
+    RetryPolicy,
+    describe,
+    is_hub_repo,
+    repo_id_of,
+    require_token,
+    scrub,
+)
 
 log = logging.getLogger(__name__)
 
@@ -204,16 +214,24 @@ def check_compatible(*, stored: dict[str, Any], current: dict[str, Any], where: 
         )
 
 
-def scrub_config(config: Any, *, secrets: Iterable[str | None] = ()) -> Any:
-    """`config` with every secret VALUE removed (given secrets, anything shaped like a Hub token).
+# A key that names a secret ends in one of these words (`hf_token`, `WANDB_API_KEY`); `max_new_tokens` does not.
+_SECRET_KEY_NAME = re.compile(r"(?:^|_)(?:token|api_key|apikey|secret|password|authorization)$", re.IGNORECASE)
 
-    Unlike `scrub`, keys are not judged by their names: a config's keys are settings (`max_new_tokens`,
-    `max_label_tokens`), and redacting them would make a saved config unloadable.
+
+def scrub_config(config: Any, *, secrets: Iterable[str | None] = ()) -> Any:
+    """`config` with secrets removed: the given values and anything shaped like a Hub token wherever they occur,
+    and the values of keys that name a secret (`hf_token`, `api_key`, ...).
+
+    Unlike `scrub`, a key that merely contains "token" is kept: `max_new_tokens` and `max_label_tokens` are
+    settings, and redacting them would make a saved config unloadable.
     """
     if isinstance(config, str):
         return scrub(config, secrets=secrets)
     if isinstance(config, dict):
-        return {k: scrub_config(v, secrets=secrets) for k, v in config.items()}
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY_NAME.search(k) and v else scrub_config(v, secrets=secrets)
+            for k, v in config.items()
+        }
     if isinstance(config, list | tuple):
         return type(config)(scrub_config(v, secrets=secrets) for v in config)
     return config
