@@ -75,6 +75,43 @@ def test_loss_equals_full_logits_reference_with_prompt_masked(model: ASRModel, m
     assert chunked.loss_sum.item() == pytest.approx(total, rel=1e-4)
 
 
+def test_projector_gradient_equals_full_logits_reference(model: ASRModel, monkeypatch) -> None:
+    # The chunked loss computes d loss / d hidden itself: the projector's gradient must be the one autograd gives
+    # through plain full-vocabulary logits at every position.
+    monkeypatch.setattr(asr_module, "LOSS_CHUNK", 5)  # several chunks, the last one partial
+    audio, lengths = audio_batch((1.0, 0.45))
+    params = list(model.projector.parameters())
+
+    out = model(audio, lengths, TEXTS)
+    fast = torch.autograd.grad(out.loss_sum, params)
+
+    features, frame_lengths = model.features(audio, lengths)
+    hidden, enc_lengths = model.encode_features(features, frame_lengths)
+    embeddings, num_audio, _ = model.project(hidden, enc_lengths)
+    inputs = model.decoder_inputs(embeddings, num_audio, TEXTS)
+    logits = model.decoder(inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask).logits
+    reference = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), inputs.labels[:, 1:].flatten(), ignore_index=IGNORE, reduction="sum"
+    )
+    slow = torch.autograd.grad(reference, params)
+    assert out.loss_sum.item() == pytest.approx(reference.item(), rel=1e-5)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_cross_entropy_matches_autograd_in_chunks() -> None:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, requires_grad=True)
+    weight, bias = torch.randn(50, 16, generator=g), torch.randn(50, generator=g)
+    targets = torch.randint(0, 50, (7,), generator=g)
+    loss = asr_module.LinearCrossEntropy.apply(hidden, weight, bias, targets, 3)
+    (grad,) = torch.autograd.grad(2.5 * loss, hidden)
+    reference = torch.nn.functional.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")
+    (expected,) = torch.autograd.grad(2.5 * reference, hidden)
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_batch_padding_does_not_change_the_loss(model: ASRModel) -> None:
     audio, lengths = audio_batch((1.0, 0.45))
     with torch.no_grad():
@@ -135,3 +172,25 @@ def test_generate_returns_one_string_per_clip(model: ASRModel) -> None:
     audio, lengths = audio_batch((0.7, 0.4, 0.9))
     out = model.generate(audio, lengths, max_new_tokens=3)
     assert len(out) == 3 and all(isinstance(t, str) for t in out)
+
+
+@pytest.mark.slow
+def test_compiled_parts_give_the_eager_loss_and_gradients(tiny_model_dirs: tuple[Path, Path]) -> None:
+    encoder, decoder = tiny_model_dirs
+    cfg = load_config("tiny", [f"model.encoder_id={encoder}", f"model.decoder_id={decoder}", "projector.hidden_dim=32"])
+    model = build_model(cfg, device=torch.device("cpu"))
+    keys = set(model.projector.state_dict())
+    results = []
+    for compiled in (False, True):
+        if compiled:
+            model.compile_parts(dynamic=True)
+        for seconds in ((1.0, 0.6), (0.7, 0.5, 0.9)):  # two batch shapes: one dynamic graph serves both
+            audio, lengths = audio_batch(seconds)
+            out = model(audio, lengths, [*TEXTS, "one more"][: len(seconds)])
+            grads = torch.autograd.grad(out.loss_sum, list(model.projector.parameters()))
+            results.append((out.loss_sum.detach(), grads))
+    for (eager_loss, eager_grads), (loss, grads) in zip(results[:2], results[2:], strict=True):
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
+        for a, b in zip(grads, eager_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert set(model.projector.state_dict()) == keys  # checkpoints keep their keys

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,6 +59,13 @@ class PromptBuilder:
 
 
 @dataclass
+class DecoderInputs:
+    inputs_embeds: torch.Tensor  # [B, L, D] prompt + transcript embeddings, audio spliced in
+    attention_mask: torch.Tensor  # [B, L] 1 on real tokens, 0 on right padding
+    labels: torch.Tensor  # [B, L] token ids to predict, IGNORE on prompt, audio and padding
+
+
+@dataclass
 class StepOutput:
     loss_sum: torch.Tensor  # summed cross-entropy over label tokens (normalise by the step's token count)
     num_tokens: int  # label tokens in this micro-batch
@@ -85,6 +93,14 @@ class ASRModel(nn.Module):
         decoder.requires_grad_(False)
         decoder.eval()
 
+    def compile_parts(self, *, dynamic: bool = True) -> None:
+        """torch.compile the projector and the decoder body in place (`Module.compile`: no `_orig_mod.` prefix
+        in state dicts, and the calls `forward` makes - `decoder.base_model`, the projector - are the compiled
+        ones). dynamic=True: one graph serves every bucketed batch length instead of one recompile per shape.
+        """
+        self.projector.compile(dynamic=dynamic)
+        self.decoder.base_model.compile(dynamic=dynamic)
+
     def train(self, mode: bool = True) -> ASRModel:
         # Only the projector ever trains; the frozen parts keep dropout off.
         super().train(mode)
@@ -92,13 +108,29 @@ class ASRModel(nn.Module):
         self.decoder.train(False)
         return self
 
-    # -- audio -> embeddings -------------------------------------------------------------------------------
+    # -- audio -> embeddings (each stage is a method, so the benchmark can time them one by one) -------------
     def encode(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """audio [B, S] + lengths [B] -> embeddings [B, T', D], audio tokens per clip [B], aux_loss."""
+        features, frame_lengths = self.features(audio, lengths)
+        hidden, enc_lengths = self.encode_features(features, frame_lengths)
+        return self.project(hidden, enc_lengths)
+
+    def features(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """audio [B, S] + lengths [B] -> log-mel [B, n_mels, T_mel] (padded only to the batch's longest clip)."""
         with torch.inference_mode():
-            features, frame_lengths = self.log_mel(audio, lengths)  # [B, n_mels, T_mel]
-            hidden, enc_lengths = self.encoder(features.to(self.encoder_dtype), frame_lengths)  # [B, T_enc, C]
-        hidden = hidden.clone()  # leave inference mode: the projector saves its input for backward
+            return self.log_mel(audio, lengths)
+
+    def encode_features(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log-mel [B, n_mels, T_mel] -> frozen encoder states [B, T_enc, C] + valid frames per clip [B]."""
+        with torch.inference_mode():  # no autograd graph, no saved activations: the encoder is frozen
+            hidden, enc_lengths = self.encoder(features.to(self.encoder_dtype), frame_lengths)
+        # Leave inference mode: the projector saves its input for backward.
+        return hidden.clone(), enc_lengths.clone()
+
+    def project(
+        self, hidden: torch.Tensor, enc_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """encoder states [B, T_enc, C] -> embeddings [B, T', D], audio tokens per clip [B], aux_loss."""
         num_tokens = torch.div(enc_lengths, self.stack, rounding_mode="floor").clamp(min=1)  # [B]
         t_out = hidden.shape[1] // self.stack
         mask = torch.arange(t_out, device=hidden.device)[None, :] < num_tokens[:, None]  # [B, T']
@@ -111,34 +143,47 @@ class ASRModel(nn.Module):
 
     # -- training ------------------------------------------------------------------------------------------
     def forward(self, audio: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str]) -> StepOutput:
-        embeddings, num_audio, aux = self.encode(audio, lengths)
+        features, frame_lengths = self.features(audio, lengths)
+        hidden, enc_lengths = self.encode_features(features, frame_lengths)
+        embeddings, num_audio, aux = self.project(hidden, enc_lengths)
+        inputs = self.decoder_inputs(embeddings, num_audio, texts)
+        loss_sum, num_tokens = self.decoder_loss(inputs)
+        return StepOutput(loss_sum=loss_sum, num_tokens=num_tokens, aux_loss=aux)
+
+    def decoder_inputs(self, embeddings: torch.Tensor, num_audio: torch.Tensor, texts: Sequence[str]) -> DecoderInputs:
+        """Chat prompt + transcript per clip, audio spliced in, right-padded to the batch's longest row."""
         rows = [self.prompt.prompt(int(n)) for n in num_audio.tolist()]
         labels = [[IGNORE] * len(row) + self.prompt.labels(text) for row, text in zip(rows, texts, strict=True)]
         rows = [row + lab[len(row) :] for row, lab in zip(rows, labels, strict=True)]
         input_ids, attention_mask = self._pad_right(rows, self.pad_id)
         label_ids, _ = self._pad_right(labels, IGNORE)
         inputs_embeds = self.splice(input_ids, embeddings, num_audio)
-        hidden = self.decoder.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
+        return DecoderInputs(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=label_ids)
+
+    def decoder_loss(self, inputs: DecoderInputs) -> tuple[torch.Tensor, int]:
+        """Frozen decoder over the spliced prompt; summed cross-entropy at label positions and their count."""
+        hidden = self.decoder.base_model(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask, use_cache=False
+        ).last_hidden_state  # [B, L, H]; use_cache=False: no key/value cache is built in training
         # Position t predicts token t+1: keep only positions whose next token is a label.
-        targets = label_ids[:, 1:]
+        targets = inputs.labels[:, 1:]
         keep = targets != IGNORE
-        loss_sum = self.label_loss(hidden[:, :-1][keep], targets[keep])
-        return StepOutput(loss_sum=loss_sum, num_tokens=int(keep.sum()), aux_loss=aux)
+        return self.label_loss(hidden[:, :-1][keep], targets[keep]), int(keep.sum())
 
     def label_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of lm_head(hidden) [N, H] against targets [N], LOSS_CHUNK rows at a time.
 
-        Each chunk is recomputed in backward instead of keeping its [chunk, vocab] logits alive, so peak memory
-        is one chunk's logits whatever the number of label tokens.
+        The frozen head goes through `LinearCrossEntropy`: each chunk's logits live only while that chunk is
+        processed, and the gradient for `hidden` is taken in the same pass, so the head runs once, not twice.
+        A trainable head (not used here) falls back to recomputing each chunk in backward.
         """
         head = self.decoder.get_output_embeddings()
+        if not head.weight.requires_grad:
+            return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, LOSS_CHUNK)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], LOSS_CHUNK):
             h, t = hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK]
-            if torch.is_grad_enabled() and h.requires_grad:
-                total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
-            else:
-                total = total + _chunk_loss(head, h, t)
+            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
         return total
 
     def splice(self, input_ids: torch.Tensor, embeddings: torch.Tensor, num_audio: torch.Tensor) -> torch.Tensor:
@@ -187,3 +232,43 @@ class ASRModel(nn.Module):
 
 def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`, for a FROZEN weight, in row chunks.
+
+    Forward computes each chunk's logits [chunk, vocab] in float32, its loss, and at once the gradient with
+    respect to its hidden rows, (softmax - one_hot) @ weight; the logits are then dropped. Backward only scales
+    that stored gradient [N, H]. So the vocabulary-wide tensor exists for one chunk at a time and the head matmul
+    is not repeated in backward (activation checkpointing would run it twice). No weight gradient is ever formed.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        targets: torch.Tensor,
+        chunk: int,
+    ) -> torch.Tensor:
+        want_grad = ctx.needs_input_grad[0]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = F.linear(hidden[rows], weight, bias).float()  # [c, V]
+            target = targets[rows]
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            total = total + (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if want_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(target.shape[0], device=target.device), target] -= 1.0
+                grad[rows] = probs.to(weight.dtype) @ weight  # [c, H]
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None

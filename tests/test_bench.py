@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+from transformers import GlmAsrEncoder, GlmAsrEncoderConfig, Qwen3Config, Qwen3ForCausalLM
+
+from tiny_audio.bench import step
+
+TOY = [
+    *["--enc-dim", "32", "--enc-layers", "1", "--enc-heads", "2", "--proj-hidden", "16"],
+    *["--dec-dim", "32", "--dec-layers", "1", "--dec-heads", "2", "--vocab", "1000"],
+    *["--batch-size", "2", "--steps", "1", "--bucket-batches", "2"],
+]
+
+
+def test_bench_runs_at_a_toy_size_and_prints_json(capsys, tmp_path) -> None:
+    out_file = tmp_path / "bench.json"
+    step.main([*TOY, "--json-out", str(out_file)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed == json.loads(out_file.read_text())
+    fast, naive = printed["fast"], printed["naive"]
+    for figures in (fast, naive):
+        assert figures["samples"] == 2 and figures["samples_per_s"] > 0 and figures["peak_memory_mb"] > 0
+        assert all(figures[f"{p}_s"] >= 0 for p in step.PHASES)
+        assert figures["step_s"] == pytest.approx(sum(figures[f"{p}_s"] for p in step.PHASES))
+    # The same clips on both paths; only the naive one pays for padding to 30 s.
+    assert fast["mean_clip_s"] == pytest.approx(naive["mean_clip_s"])
+    assert 0 <= fast["padding_fraction"] < naive["padding_fraction"] < 1
+    assert naive["gflops_per_sample"] > fast["gflops_per_sample"]
+    assert fast["full_over_irreducible"] > 0
+    assert set(printed["projection"]) == {"qwen3-0.6b/fast", "qwen3-0.6b/naive", "qwen3-1.7b/fast", "qwen3-1.7b/naive"}
+
+
+def test_layer_weight_counts_match_the_real_architectures() -> None:
+    # The FLOP model's per-layer weights, checked against the transformers modules at the published sizes (meta).
+    real = step.REAL_06B
+    with torch.device("meta"):
+        encoder = GlmAsrEncoder(GlmAsrEncoderConfig())
+        decoder = Qwen3ForCausalLM(
+            Qwen3Config(
+                hidden_size=real.dec_dim,
+                intermediate_size=real.dec_ffn,
+                num_hidden_layers=1,
+                num_attention_heads=real.dec_heads,
+                num_key_value_heads=real.dec_kv_heads,
+                head_dim=real.dec_head_dim,
+                vocab_size=real.vocab,
+            )
+        )
+    assert encoder.config.hidden_size == real.enc_dim and len(encoder.layers) == real.enc_layers
+    matrices = [p.numel() for p in encoder.layers[0].parameters() if p.dim() == 2]
+    assert sum(matrices) == step.encoder_layer_weights(real)
+    matrices = [p.numel() for p in decoder.model.layers[0].parameters() if p.dim() == 2]
+    assert sum(matrices) == step.decoder_layer_weights(real)
+
+
+def test_clip_lengths_follow_the_realistic_distribution() -> None:
+    import numpy as np
+
+    seconds = step.sample_seconds(5000, rng=np.random.default_rng(0))
+    assert seconds.min() >= 2.0 and seconds.max() <= 30.0
+    assert 9.0 < seconds.mean() < 11.0
