@@ -3,11 +3,14 @@
 #   docker run --gpus all -e EXP=mlp -e HF_TOKEN -v /data:/workspace IMAGE          # train
 #   docker run IMAGE check | --help                                                 # validate / list variables
 #
-# Default base: the CUDA 12.8 + cuDNN runtime on Ubuntu 24.04 (apt python3 = 3.12, which the torch 2.13.0
-# cu128 wheel supports). The nvidia image also carries the NVIDIA_* variables the container toolkit reads to
-# mount the driver. Any apt-based image with python3 >= 3.11 works as BASE_IMAGE (the tests build on a Debian
-# bookworm base they make themselves, with the CPU torch wheel from a bind-mounted folder, see docker/README.md).
-ARG BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Default base: NVIDIA's smallest CUDA 12.8 image on Ubuntu 24.04 (apt python3 = 3.12, which the torch 2.13.0
+# cu128 wheel supports): the CUDA runtime, the forward-compatibility libraries and the NVIDIA_* variables the
+# container toolkit reads to mount the driver. cuBLAS, cuDNN, NCCL and the rest come with torch's own wheels
+# (nvidia-*-cu12), so a -runtime or -cudnn-runtime base would only hold a second copy of them (~4 GB more).
+# Any apt-based image with python3 >= 3.11 works as BASE_IMAGE (the tests build on a Debian bookworm base they
+# make themselves, with the CPU torch wheel from a bind-mounted folder, see docker/README.md). A -devel base is
+# needed only to compile extras (EXTRA_PIP_PACKAGES such as flash-attn).
+ARG BASE_IMAGE=docker.io/nvidia/cuda:12.8.1-base-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS base
