@@ -135,10 +135,18 @@ def test_plan_prints_on_finish_and_gpus() -> None:
     assert (done.returncode, done.stdout) == (0, "sleep 2\n"), done.stderr
 
 
-def test_plan_without_gpu_trains_tiny_on_cpu_and_says_so() -> None:
-    done = _plan(EXP="tiny", NUM_GPUS="0")
+@pytest.mark.parametrize("experiment", ["tiny", "mini"])
+def test_plan_without_gpu_trains_shipped_miniatures_on_cpu_and_says_so(experiment: str) -> None:
+    done = _plan(EXP=experiment, NUM_GPUS="0")
     assert (done.returncode, done.stdout) == (0, "exit 0\n"), done.stderr
     assert "no GPU visible" in done.stderr
+
+
+def test_plan_refuses_a_real_model_without_gpu_whatever_the_experiment_is_called(tmp_path: Path) -> None:
+    experiment = tmp_path / "tiny.yaml"  # named like the CPU experiment, but with a real decoder
+    experiment.write_text("model:\n  encoder_id: asset://tiny/encoder\n  decoder_id: Qwen/Qwen3-0.6B\n")
+    done = _plan(EXP=str(experiment), NUM_GPUS="0")
+    assert done.returncode == 2 and "ALLOW_CPU=1" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,9 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from tiny_audio.errors import UserError
 
-# Experiments made to train on CPU; any other one refuses a machine without GPU unless ALLOW_CPU=1.
-CPU_EXPERIMENTS = ("tiny",)
+# Models shipped inside the package (tiny, mini) are miniatures made to train on CPU; an experiment using any
+# other model refuses a machine without GPU unless ALLOW_CPU=1.
+SHIPPED_MODEL_SCHEME = "asset://"
 
 OnFinish = Literal["exit", "sleep", "stop", "terminate"]
 DEFAULT_API_URL = "https://rest.runpod.io/v1"
@@ -103,7 +104,8 @@ def launch_plan(
     """Validate everything a launch depends on, so a mistake ends in one line now and not after hours of training.
 
     Checks ON_FINISH and the RunPod variables it needs, the experiment and its overrides (with the CLI's own
-    messages), and the GPUs: with none visible only CPU_EXPERIMENTS train, unless ALLOW_CPU=1.
+    messages), and the GPUs: with none visible only experiments on shipped miniature models (asset://) train,
+    unless ALLOW_CPU=1.
     """
     from tiny_audio.cli import load_experiment  # the CLI's messages for a missing or wrong EXP
 
@@ -111,7 +113,8 @@ def launch_plan(
     action = finish_action_from_env(env)
     cfg = load_experiment(experiment, tuple(overrides))
     gpus = visible_gpus(env)
-    if gpus == 0 and cfg.experiment not in CPU_EXPERIMENTS and env.get("ALLOW_CPU") != "1":
+    miniature = all(m.startswith(SHIPPED_MODEL_SCHEME) for m in (cfg.model.encoder_id, cfg.model.decoder_id))
+    if gpus == 0 and not miniature and env.get("ALLOW_CPU") != "1":
         raise UserError(
             f"no GPU visible, and experiment {cfg.experiment} would take days on CPU: on RunPod pick a GPU pod, "
             "with docker run pass --gpus all; ALLOW_CPU=1 trains on CPU anyway"
