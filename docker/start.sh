@@ -37,7 +37,12 @@ read -r on_finish gpus <<< "$plan"
 
 # --- How many processes, on how many machines ------------------------------------------------------------------
 processes="${NUM_PROCESSES:-$(( gpus > 0 ? gpus : 1 ))}"
-machines="${NUM_MACHINES:-1}"
+# A RunPod Instant Cluster sets NUM_NODES, NODE_RANK, PRIMARY_ADDR and PRIMARY_PORT on every node: they are the
+# defaults, so the same template trains on one pod or on a cluster. The variables below override them.
+machines="${NUM_MACHINES:-${NUM_NODES:-1}}"
+machine_rank="${MACHINE_RANK:-${NODE_RANK:-0}}"
+main_ip="${MAIN_PROCESS_IP:-${PRIMARY_ADDR:-}}"
+main_port="${MAIN_PROCESS_PORT:-${PRIMARY_PORT:-29500}}"
 is_positive "$processes" || die "NUM_PROCESSES must be a whole number >= 1, got '$processes'"
 is_positive "$machines" || die "NUM_MACHINES must be a whole number >= 1, got '$machines'"
 
@@ -49,10 +54,10 @@ else
   launch=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_processes "$(( processes * machines ))"
     --num_machines "$machines" --dynamo_backend no)
   if (( machines > 1 )); then
-    [[ -n "${MAIN_PROCESS_IP:-}" ]] || die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine 0)"
-    launch+=(--machine_rank "${MACHINE_RANK:-0}" --main_process_ip "$MAIN_PROCESS_IP")
+    [[ -n "$main_ip" ]] || die "NUM_MACHINES=$machines needs MAIN_PROCESS_IP (the address of machine 0)"
+    launch+=(--machine_rank "$machine_rank" --main_process_ip "$main_ip")
   fi
-  launch+=(--main_process_port "${MAIN_PROCESS_PORT:-29500}")
+  launch+=(--main_process_port "$main_port")
   launch+=("$ENTRYPOINT" train "$@")
   # Without this, `--multi_gpu` on a machine with no GPU silently runs every process as rank 0 of 1.
   (( gpus > 0 )) || launch=(env ACCELERATE_USE_CPU=true "${launch[@]}")

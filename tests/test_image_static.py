@@ -178,6 +178,14 @@ def test_start_several_machines() -> None:
     assert "--main_process_port 29500" in text, done.stderr
     missing = _dry_run(NUM_GPUS="8", NUM_MACHINES="2")
     assert missing.returncode == 2 and "MAIN_PROCESS_IP" in missing.stderr
+    # On a RunPod Instant Cluster the cluster's own variables are enough; ours override them.
+    cluster = {"NUM_NODES": "2", "NODE_RANK": "1", "PRIMARY_ADDR": "10.65.0.2", "PRIMARY_PORT": "5000"}
+    words = _dry_run(NUM_GPUS="8", **cluster).stdout
+    assert "--num_processes 16 --num_machines 2 --dynamo_backend no --machine_rank 1" in words
+    assert "--main_process_ip 10.65.0.2" in words
+    assert "--main_process_port 5000" in words
+    ours = _dry_run(NUM_GPUS="8", MACHINE_RANK="0", MAIN_PROCESS_PORT="29500", **cluster).stdout
+    assert "--machine_rank 0 --main_process_ip 10.65.0.2 --main_process_port 29500" in ours
     # A machine without GPU still joins a multi-machine run as one process.
     worker = _dry_run(NUM_GPUS="0", NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.0.0.1").stdout
     assert "--num_processes 2 --num_machines 2" in worker and worker.startswith("env ACCELERATE_USE_CPU=true")
