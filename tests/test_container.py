@@ -116,7 +116,7 @@ def _debian_mirror() -> str:
 def _wheel_folder() -> Path | None:
     """The local wheel folder pip's configuration names (holds the CPU torch wheel), if any."""
     done = subprocess.run(
-        ["python3", "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
+        [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True
     )
     for candidate in (os.environ.get("PIP_FIND_LINKS", "") + " " + done.stdout).split():
         path = Path(candidate.removeprefix("file://"))
