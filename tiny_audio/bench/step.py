@@ -533,6 +533,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--utilisation", type=float, default=0.4, help="fraction of GPU bf16 peak for projections")
     p.add_argument("--project-steps", type=int, default=20_000)
     p.add_argument("--project-batch-size", type=int, default=8, help="clips per step for the projection (mlp: 8)")
+    p.add_argument("--compile", action="store_true", help="torch.compile projector and decoder (dynamic shapes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", help="also write the JSON here")
@@ -559,6 +560,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(
         sizes, projector=args.projector, device=device, dtype=torch.bfloat16 if cuda else torch.float32, seed=args.seed
     )
+    if args.compile:
+        model.compile_parts(dynamic=True)  # the warm-up step then includes compilation; timed steps do not
     rng = np.random.default_rng(args.seed)
     window = args.batch_size * args.bucket_batches
     count = window * math.ceil((args.steps + 1) / args.bucket_batches)
@@ -591,6 +594,7 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "projector": args.projector,
+        "compile": args.compile,
         "batch_size": args.batch_size,
         "bucket_batches": args.bucket_batches,
         "sizes": asdict(sizes),
