@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from tiny_audio.config import HubConfig
 from tiny_audio.errors import UserError
@@ -103,7 +103,7 @@ def write_checkpoint(
     written instead of `optimizer.state_dict()` (DeepSpeed: every rank's ZeRO partition).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
+    save_projector(projector, directory / PROJECTOR_FILE)
     torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
@@ -140,7 +140,10 @@ def read_checkpoint(
     if config is not None:
         check_compatible(stored=read_json(directory / "config.json"), current=config, where=str(directory))
     try:
-        missing, unexpected = load_model(unwrap(projector), str(directory / PROJECTOR_FILE), strict=False)
+        # load_state_dict copies into the parameters in place (under DeepSpeed ZeRO they are views into a
+        # flat buffer, which safetensors' load_model refuses)
+        weights = load_file(str(directory / PROJECTOR_FILE))
+        missing, unexpected = unwrap(projector).load_state_dict(weights, strict=False)
     except (SafetensorError, RuntimeError) as exc:
         raise UserError(
             f"{directory / PROJECTOR_FILE} does not fit this projector ({describe(exc)}); {_START_FRESH}"
@@ -235,6 +238,14 @@ def scrub_config(config: Any, *, secrets: Iterable[str | None] = ()) -> Any:
     if isinstance(config, list | tuple):
         return type(config)(scrub_config(v, secrets=secrets) for v in config)
     return config
+
+
+def save_projector(projector: torch.nn.Module, path: Path) -> None:
+    """The projector's weights as safetensors, each tensor copied out on its own: under DeepSpeed ZeRO the
+    parameters are views into one flat buffer, which safetensors refuses to save as they are."""
+    weights = unwrap(projector).state_dict()
+    state = {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in weights.items()}
+    save_file(state, str(path), metadata={"format": "pt"})
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -364,7 +375,7 @@ def write_model_files(
     The tokenizer and the feature extractor settings (`save_pretrained`) are the caller's to add beside them.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save_model(unwrap(projector), str(directory / PROJECTOR_FILE))
+    save_projector(projector, directory / PROJECTOR_FILE)
     _write_json(directory / MODEL_CONFIG_FILE, scrub_config(config))
     if card is not None:
         (directory / "README.md").write_text(scrub(card))

@@ -6,6 +6,7 @@ checkpoint. Everything it needs is built once in `setup` and held by a `Run`.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -132,7 +133,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
         accum = gradient_accumulation(cfg, world_size)
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size=world_size, grad_accum=accum, cuda=cuda))
-    return Accelerator(mixed_precision=mixed, cpu=not cuda, kwargs_handlers=handlers, deepspeed_plugin=plugin)
+    # cpu=True would silently drop the DeepSpeed plugin; without a GPU DeepSpeed picks its CPU accelerator itself
+    cpu = not cuda and plugin is None
+    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers, deepspeed_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise UserError(
+            f"training.deepspeed={cfg.training.deepspeed} was asked for but accelerate set up "
+            f"{accelerator.distributed_type.value}: check that deepspeed is installed and importable"
+        )
+    return accelerator
 
 
 def uses_deepspeed(acc: Accelerator) -> bool:
@@ -167,7 +176,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
             "processes: %d (%s) | micro-batch %d | accumulation %d | global batch %d%s",
             accelerator.num_processes,
             f"DeepSpeed {cfg.training.deepspeed}"
-            if cfg.training.deepspeed
+            if uses_deepspeed(accelerator)
             else ("single process" if accelerator.num_processes == 1 else accelerator.distributed_type.value),
             cfg.training.batch_size,
             grad_accum,
@@ -344,7 +353,8 @@ def train_loop(run: Run) -> int:
         samples += sum(len(b) for b in micro_batches)
 
         # -- step (a non-finite loss or gradient skips the update; several in a row stop the run)
-        grad_norm = acc.clip_grad_norm_(params, t.max_grad_norm)
+        # (under DeepSpeed the engine clipped inside its step and this returns its norm, a float)
+        grad_norm = torch.as_tensor(acc.clip_grad_norm_(params, t.max_grad_norm), device=device)
         if torch.isfinite(grad_norm).item():  # CPU-GPU sync point, once per step: needed to decide the skip
             run.optimizer.step()
             run.scheduler.step()
@@ -423,6 +433,22 @@ def load_deepspeed_optimizer(run: Run, directory: Path) -> None:
         )
     # fp32 master weights from the checkpoint itself (the model may hold bf16 copies of them)
     run.optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+
+
+def plain_state(value: Any) -> Any:
+    """A ZeRO optimizer state with only tensors, numbers, strings and containers, so it loads with
+    `torch.load(weights_only=True)`: enums become their values; left out are the loss scaler (an object used by
+    fp16 only: bf16 and fp32 runs restore without it) and the parameter slice map (objects describing where
+    each parameter lies in the flat buffer, read only by DeepSpeed's "universal" checkpoint conversion)."""
+    if isinstance(value, dict):
+        return {k: plain_state(v) for k, v in value.items() if k not in ("loss_scaler", "param_slice_mappings")}
+    if isinstance(value, list | tuple):
+        return type(value)(plain_state(v) for v in value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, torch.Tensor | bool | int | float | str):
+        return value
+    raise TypeError(f"unexpected {type(value).__name__} in the DeepSpeed optimizer state")
 
 
 def forward_backward(
@@ -531,7 +557,7 @@ def save(run: Run, *, final: bool) -> None:
     ranks = gather_object([mine]) if acc.num_processes > 1 else [mine]
     optimizer_state: dict[str, Any] | None = None
     if uses_deepspeed(acc):
-        part = run.optimizer.optimizer.state_dict()
+        part = plain_state(run.optimizer.optimizer.state_dict())
         optimizer_state = {"deepspeed_ranks": gather_object([part]) if acc.num_processes > 1 else [part]}
     if not acc.is_main_process:
         return
