@@ -142,13 +142,19 @@ def _build_context(destination: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     _need_tools()
     kept = os.environ.get("TINY_AUDIO_CONTAINER_DIR")
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
-        return Path(kept)
-    return tmp_path_factory.mktemp("podman")
+        yield Path(kept)
+        return
+    work = tmp_path_factory.mktemp("podman")
+    yield work
+    # A few GB of layers: not left behind in pytest's kept temporary directories.
+    store = Podman(work)
+    subprocess.run([*store.argv, "system", "reset", "--force"], env=store.env, capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -398,6 +404,7 @@ def registry(tmp_path: Path) -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(tmp_path / "registry", ignore_errors=True)
 
 
 def test_push_image_to_a_registry_then_pull_and_run(
