@@ -268,3 +268,21 @@ def test_wandb_is_online_with_a_key_offline_without_and_never_asks(tmp_path: Pat
         is_main_process=False,
     )
     assert isinstance(tracker, NullTracker) and tracker.run_id == "abc123"
+
+
+def test_deepspeed_configs_are_filled_from_the_experiment() -> None:
+    from tiny_audio.errors import ConfigError
+    from tiny_audio.train import deepspeed_config
+
+    cfg = tiny_config("training.deepspeed=zero2", "training.batch_size=2", "training.max_grad_norm=0.5")
+    ds = deepspeed_config(cfg, world_size=2, grad_accum=3, cuda=False)
+    assert ds["zero_optimization"]["stage"] == 2
+    batches = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batches == (2, 3, 12)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+    on_gpu = deepspeed_config(tiny_config("training.deepspeed=zero1"), world_size=1, grad_accum=1, cuda=True)
+    assert on_gpu["bf16"] == {"enabled": True}
+    with pytest.raises(ConfigError, match="ZeRO stage 3 does not work"):
+        deepspeed_config(tiny_config("training.deepspeed=zero3"), world_size=2, grad_accum=1, cuda=False)
+    with pytest.raises(ConfigError, match=r"training\.deepspeed must be one of zero1, zero2, zero3"):
+        tiny_config("training.deepspeed=zero9")
