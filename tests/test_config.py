@@ -79,3 +79,23 @@ def test_parse_override_reads_yaml_values() -> None:
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a.b=null") == (["a", "b"], None)
     assert parse_override("a.b=hello") == (["a", "b"], "hello")
+
+
+def test_shipped_deepspeed_configs_are_json_of_their_stage() -> None:
+    import json
+
+    from tiny_audio.config import DEEPSPEED_DIR
+
+    for stage in (1, 2, 3):
+        ds = json.loads((DEEPSPEED_DIR / f"zero{stage}.json").read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        assert load_config("tiny", [f"training.deepspeed=zero{stage}"]).training.deepspeed == f"zero{stage}"
+
+
+def test_new_hub_and_training_keys_validate() -> None:
+    cfg = load_config("tiny", ["hub.retry_attempts=3", "hub.retry_initial_s=0.5", "hub.retry_max_s=10"])
+    assert (cfg.hub.retry_attempts, cfg.hub.retry_initial_s, cfg.hub.retry_max_s) == (3, 0.5, 10)
+    with pytest.raises(ConfigError, match="retry_attempts"):
+        load_config("tiny", ["hub.retry_attempts=0"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        load_config("tiny", ["training.deepspeed=zero4"])
