@@ -131,6 +131,37 @@ def test_a_two_process_checkpoint_resumes_in_two_processes_and_in_one(tmp_path: 
     assert sorted(losses(one)) == [4, 5, 6]
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    script = [str(ROOT / "entrypoint.py"), "train", *QUICK, "training.max_steps=500", "training.save_steps=400"]
+    env = {**os.environ, "EXP": "tiny", "OUTPUT_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "log.txt"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(torchrun(2, *script), env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while "Step 3/500" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert "processes: 2 " in log.read_text()
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            assert len(workers) == 2, workers
+            os.kill(int(workers[-1]), signal.SIGTERM)  # one rank only: it must not leave the other one waiting
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text()
+    saved = [int(m) for m in re.findall(r"checkpoint step (\d+) saved", output)]
+    last_logged = max(int(m) for m in re.findall(r"^Step (\d+)/500", output, re.MULTILINE))
+    assert saved == [last_logged], output[-3000:]
+    resume_dir = tmp_path / "checkpoints" / f"step-{saved[0]:08d}" / "last-checkpoint"
+    assert json.loads((resume_dir / "ranks.json").read_text())["world_size"] == 2
+
+
 def test_a_collapsed_launch_is_an_error(tmp_path: Path) -> None:
     env_command = [sys.executable, str(ROOT / "entrypoint.py"), "train", *QUICK, "training.max_steps=1"]
     result = subprocess.run(
