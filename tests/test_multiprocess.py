@@ -37,12 +37,23 @@ def torchrun(n: int, *args: str) -> list[str]:
 
 def launch(command: list[str], output_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "EXP": "tiny", "OUTPUT_DIR": str(output_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env["ACCELERATE_USE_CPU"] = "true"  # for accelerate launch; torchrun ignores it
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def entrypoint(n: int, output_dir: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+def accelerate_launch(n: int, *args: str) -> list[str]:
+    """What docker/start.sh runs on a machine without GPUs (ACCELERATE_USE_CPU is set by `launch`)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}", *args]
+
+
+def entrypoint(
+    n: int, output_dir: Path, *overrides: str, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess[str]:
     script = [str(ROOT / "entrypoint.py"), "train", *QUICK, *overrides]
-    command = torchrun(n, *script) if n > 1 else [sys.executable, *script]
+    if n == 1:
+        command = [sys.executable, *script]
+    else:
+        command = accelerate_launch(n, *script) if launcher == "accelerate" else torchrun(n, *script)
     result = launch(command, output_dir)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     assert f"processes: {n} " in result.stdout, result.stdout[-3000:]  # the world size the run really had
@@ -110,7 +121,7 @@ def interrupted_after(output_dir: Path, step: int, steps: int) -> dict[int, floa
 def test_a_two_process_checkpoint_resumes_in_two_processes_and_in_one(tmp_path: Path) -> None:
     first = tmp_path / "first"
     run = ["training.max_steps=6", "training.save_steps=3", "training.batch_size=2", "training.global_batch_size=4"]
-    entrypoint(2, first, *run)
+    entrypoint(2, first, *run, launcher="accelerate")  # the image's launcher; the resume below uses torchrun
     resume_dir = first / "checkpoints" / "step-00000003" / "last-checkpoint"
     ranks = json.loads((resume_dir / "ranks.json").read_text())
     assert ranks["world_size"] == 2 and [d["layout"]["rank"] for d in ranks["data"]] == [0, 1]
@@ -183,7 +194,7 @@ def test_deepspeed_zero2_trains_resumes_and_its_projector_loads_without_it(tmp_p
 
     # the first DeepSpeed start on a machine compiles a CPU op (~45 s, cached in ~/.cache/torch_extensions)
     run = ["training.deepspeed=zero2", "training.batch_size=2", "training.max_steps=5", "training.save_steps=3"]
-    first = entrypoint(2, tmp_path, *run)
+    first = entrypoint(2, tmp_path, *run, launcher="accelerate")
     assert "DeepSpeed zero2" in first.stdout
     saved = torch.load(tmp_path / "checkpoints/step-00000003/last-checkpoint/optimizer.pt", weights_only=True)
     assert len(saved["deepspeed_ranks"]) == 2  # each rank's ZeRO partition

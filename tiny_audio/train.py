@@ -141,8 +141,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
 
         accum = gradient_accumulation(cfg, world_size)
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, world_size=world_size, grad_accum=accum, cuda=cuda))
-    # cpu=True would silently drop the DeepSpeed plugin; without a GPU DeepSpeed picks its CPU accelerator itself
+    # cpu=True (or ACCELERATE_USE_CPU, which a CPU launch through `accelerate launch --multi_gpu` needs) would
+    # silently drop the DeepSpeed plugin; without a GPU DeepSpeed picks its CPU accelerator itself
     cpu = not cuda and plugin is None
+    if plugin is not None:
+        os.environ.pop("ACCELERATE_USE_CPU", None)
     accelerator = Accelerator(mixed_precision=mixed, cpu=cpu, kwargs_handlers=handlers, deepspeed_plugin=plugin)
     if plugin is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise UserError(
