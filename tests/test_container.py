@@ -12,6 +12,7 @@ the build measured is a build from scratch. Durations are printed at the end of 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,6 +23,7 @@ import ssl
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -71,7 +73,16 @@ class Podman:
             )
         self.env = {**os.environ, "CONTAINERS_CONF": str(conf)}
         self.store = work / name
-        self.argv = ["podman", "--root", str(self.store / "storage"), "--runroot", str(self.store / "run")]
+        # podman refuses a runroot path longer than 50 characters; it must also stay the same for a store.
+        digest = hashlib.sha256(str(self.store.resolve()).encode()).hexdigest()[:12]
+        self.runroot = Path(tempfile.gettempdir()) / f"podman-run-{digest}"
+        self.argv = ["podman", "--root", str(self.store / "storage"), "--runroot", str(self.runroot)]
+
+    def remove(self) -> None:
+        """Delete the store (images, containers) and its runroot."""
+        subprocess.run([*self.argv, "system", "reset", "--force"], env=self.env, capture_output=True)
+        shutil.rmtree(self.store, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
         done = subprocess.run(
@@ -152,8 +163,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     work = tmp_path_factory.mktemp("podman")
     yield work
     # A few GB of layers: not left behind in pytest's kept temporary directories.
-    store = Podman(work)
-    subprocess.run([*store.argv, "system", "reset", "--force"], env=store.env, capture_output=True)
+    Podman(work).remove()
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -437,8 +447,7 @@ def test_push_image_to_a_registry_then_pull_and_run(
         assert "Step 2/2" in done.stdout
         assert _train_state(volume / "outputs" / "tiny" / "checkpoints" / "step-00000002")["final"] is True
     finally:
-        subprocess.run([*fresh.argv, "system", "reset", "--force"], env=fresh.env, capture_output=True)
-        shutil.rmtree(fresh.store, ignore_errors=True)
+        fresh.remove()
 
 
 def test_a_one_line_change_rebuilds_only_the_source_layers(
