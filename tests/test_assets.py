@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
 from datasets import load_dataset
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import (
     AutoTokenizer,
     GlmAsrEncoder,
@@ -22,13 +24,16 @@ from transformers import (
 
 from tiny_audio.assets import ASSETS_DIR, corpus, resolve_asset
 from tiny_audio.assets.build import INSTRUCTION, TINY_EVAL, TINY_SEED, TINY_TRAIN, build_tiny, tiny_sentences
+from tiny_audio.assets.mini_build import MINI_EVAL, MINI_TRAIN, MINI_VOCAB, mini_sentences
 from tiny_audio.assets.models import TOWER_KEY_MAPPING
+from tiny_audio.assets.tokenizer import train_tokenizer
 from tiny_audio.config import ModelConfig
 from tiny_audio.errors import UserError
 
-ASSET_SETS = ["tiny"]
+ASSET_SETS = ["tiny", "mini"]
 # (train rows, eval rows, max corpus MB) per asset set.
-CORPUS_SIZES = {"tiny": (TINY_TRAIN, TINY_EVAL, 5.0)}
+CORPUS_SIZES = {"tiny": (TINY_TRAIN, TINY_EVAL, 5.0), "mini": (MINI_TRAIN, MINI_EVAL, 10.0)}
+SENTENCES = {"tiny": tiny_sentences, "mini": mini_sentences}
 
 
 def _shards(name: str, split: str) -> list[str]:
@@ -61,7 +66,7 @@ def test_tokenizer_round_trips_with_chatml(name: str) -> None:
         [{"role": "user", "content": "Transcribe the audio. x"}], add_generation_prompt=True, tokenize=False
     )
     assert prompt == "<|im_start|>user\nTranscribe the audio. x<|im_end|>\n<|im_start|>assistant\n"
-    sentence = tiny_sentences()[1][0]
+    sentence = SENTENCES[name]()[1][0]
     ids = tokenizer(sentence).input_ids
     assert tokenizer.decode(ids) == sentence
     # A real BPE: a corpus sentence takes about one token per word, not one per byte.
@@ -71,7 +76,9 @@ def test_tokenizer_round_trips_with_chatml(name: str) -> None:
 @pytest.mark.parametrize("name", ASSET_SETS)
 def test_encoder_tower_loads_with_no_missing_keys(name: str) -> None:
     path = resolve_asset(f"asset://{name}/encoder")
-    tower, info = GlmAsrEncoder.from_pretrained(path, key_mapping=TOWER_KEY_MAPPING, output_loading_info=True)
+    tower, info = GlmAsrEncoder.from_pretrained(
+        path, key_mapping=TOWER_KEY_MAPPING, output_loading_info=True, dtype=torch.float32
+    )
     assert not info["missing_keys"]
     assert GlmAsrEncoderConfig.from_pretrained(path).hidden_size == tower.config.hidden_size
     extractor = WhisperFeatureExtractor.from_pretrained(path)
@@ -88,7 +95,7 @@ def test_encoder_tower_loads_with_no_missing_keys(name: str) -> None:
 @pytest.mark.parametrize("name", ASSET_SETS)
 def test_decoder_loads_with_room_for_the_audio_token(name: str) -> None:
     path = resolve_asset(f"asset://{name}/decoder")
-    model, info = Qwen3ForCausalLM.from_pretrained(path, output_loading_info=True)
+    model, info = Qwen3ForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"]
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.vocab_size % 64 == 0
@@ -139,6 +146,16 @@ def test_tiny_tokenizer_and_models_rebuild_identically(tmp_path: Path) -> None:
         )
         assert rebuilt.keys() == original.keys()
         assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+
+
+def test_mini_corpus_and_tokenizer_rebuild_from_the_seed() -> None:
+    train_texts, eval_texts = mini_sentences()
+    shards = (*_shards("mini", "train"), *_shards("mini", "eval"))
+    shipped_texts = [t for f in shards for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    assert [*train_texts, *eval_texts] == shipped_texts
+    tokenizer = train_tokenizer(texts=[*train_texts, INSTRUCTION], vocab_size=MINI_VOCAB)
+    shipped = ASSETS_DIR / "mini" / "decoder" / "tokenizer.json"
+    assert tokenizer.backend_tokenizer.to_str() == Tokenizer.from_file(str(shipped)).to_str()
 
 
 def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:

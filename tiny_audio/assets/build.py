@@ -17,10 +17,7 @@ from pathlib import Path
 import click
 
 from tiny_audio.assets import ASSETS_DIR, corpus, grammar, models
-from tiny_audio.assets.tokenizer import train_tokenizer
-
-# The trainer's default user-turn instruction (ModelConfig.instruction); the tokenizer learns it as tokens.
-INSTRUCTION = "Transcribe the audio."
+from tiny_audio.assets.tokenizer import INSTRUCTION, train_tokenizer
 
 TINY_SEED = 0
 TINY_TRAIN, TINY_EVAL = 400, 40

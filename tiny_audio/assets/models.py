@@ -131,7 +131,9 @@ def load_tower(path: str | Path) -> GlmAsrEncoder:
 
     A bare `GlmAsrEncoder.from_pretrained(path)` silently returns a RANDOM encoder: the key mapping is required.
     """
-    tower, info = GlmAsrEncoder.from_pretrained(path, key_mapping=TOWER_KEY_MAPPING, output_loading_info=True)
+    tower, info = GlmAsrEncoder.from_pretrained(
+        path, key_mapping=TOWER_KEY_MAPPING, output_loading_info=True, dtype=torch.float32
+    )
     if info["missing_keys"]:
         raise ValueError(f"{path}: audio tower weights missing: {sorted(info['missing_keys'])[:5]}")
     return tower.eval()

@@ -16,6 +16,9 @@ PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
+# The trainer's default user-turn instruction (ModelConfig.instruction): the tokenizer learns it as whole tokens,
+# and the decoders are pretrained with it in the prompt.
+INSTRUCTION = "Transcribe the audio."
 
 # ChatML as Qwen3 renders it for our use, without a thinking block:
 # [user c] + generation prompt -> "<|im_start|>user\n{c}<|im_end|>\n<|im_start|>assistant\n".
