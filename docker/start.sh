@@ -63,6 +63,10 @@ else
   (( gpus > 0 )) || launch=(env ACCELERATE_USE_CPU=true "${launch[@]}")
 fi
 
+# The trainer compares this with the processes that joined: a launch that silently collapsed to one process
+# (a wrong backend, a missing GPU) is an error, not a run at a fraction of the asked speed.
+export TINY_AUDIO_WORLD_SIZE="$(( processes * machines ))"
+
 if [[ "${START_DRY_RUN:-0}" == "1" ]]; then
   printf '%q ' "${launch[@]}"
   echo

@@ -239,3 +239,21 @@ def test_library_warnings_pass_the_secret_filter_too(capfd: pytest.CaptureFixtur
     out, err = capfd.readouterr()
     assert TOKEN not in out + err
     assert (out + err).count("<redacted>") == 4
+
+
+def test_check_names_online_tracking_without_a_key_as_a_problem(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    result = invoke(["check", "tracking.mode=online"], env={"EXP": "mlp", "OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.exit_code == 2
+    assert "WANDB_API_KEY" in result.stderr
+
+
+def test_scrub_hides_secret_keys_but_not_settings_that_count_tokens() -> None:
+    clean = hub.scrub({"hf_token": "abc", "WANDB_API_KEY": "k", "max_new_tokens": 128, "data": {"token": "x"}})
+    assert clean == {
+        "hf_token": "<redacted>",
+        "WANDB_API_KEY": "<redacted>",
+        "max_new_tokens": 128,
+        "data": {"token": "<redacted>"},
+    }

@@ -30,8 +30,13 @@ Environment (or a .env file in the working directory):
   WANDB_PROJECT    overrides tracking.project; WANDB_ENTITY overrides tracking.entity
   HF_HOME          Hugging Face cache (models are downloaded once per volume)
   ON_FINISH        what the container does when training ends: exit, sleep, stop, terminate (see README)
+  HF_ENDPOINT      another Hub-compatible server (a mirror, or the tests' local Hub)
+  NUM_PROCESSES    training processes (default: one per visible GPU); NUM_MACHINES, MACHINE_RANK,
+                   MAIN_PROCESS_IP, MAIN_PROCESS_PORT for several machines
+  TINY_AUDIO_WORLD_SIZE  processes the launcher started (set by the image): fewer joining is an error
 \b
-Exit codes: 0 done | 2 a mistake to fix (message says how) | 143 stopped by a signal after saving a checkpoint
+Exit codes: 0 done | 2 a mistake to fix (message says how) | 143 stopped by a signal after saving a
+checkpoint | 130 a second signal cut the stop short
 """
 
 log = logging.getLogger("tiny_audio")

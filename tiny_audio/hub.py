@@ -62,8 +62,9 @@ T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 # Hub user tokens look like hf_XXXX (30+ characters); scrubbed even when nobody told us the value.
 _TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-# Keys whose values are secrets whatever they hold (HF_TOKEN, WANDB_API_KEY, "token", "password", ...).
-_SECRET_KEY = re.compile(r"token|api_key|apikey|secret|password|authorization", re.IGNORECASE)
+# Keys whose values are secrets whatever they hold (HF_TOKEN, WANDB_API_KEY, "token", "password", ...): the
+# name must END in one, so settings like max_new_tokens or max_label_tokens stay readable.
+_SECRET_KEY = re.compile(r"(?:^|_)(?:token|api_key|apikey|secret|password|authorization)$", re.IGNORECASE)
 REDACTED = "<redacted>"
 # huggingface_hub's shared HTTP client waits forever by default: one stalled connection would hang the
 # uploader for the rest of the run. Reads/writes are per network operation, so big files are not cut off.

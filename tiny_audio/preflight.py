@@ -66,7 +66,12 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
     report.lines.append(f"device:     {f'{gpus} CUDA GPU(s)' if gpus else 'CPU (no GPU visible)'}")
     from tiny_audio.tracking import resolve_mode
 
-    report.lines.append(f"tracking:   {cfg.tracking.backend} ({resolve_mode(cfg.tracking)})")
+    try:
+        report.lines.append(f"tracking:   {cfg.tracking.backend} ({resolve_mode(cfg.tracking)})")
+    except UserError as exc:
+        report.problems.append(str(exc))
+    if t.deepspeed:
+        report.lines.append(f"deepspeed:  {t.deepspeed}")
 
     try:
         hub.require_token(target, token)

@@ -211,8 +211,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     )
     scheduler = build_scheduler(cfg, optimizer)
     if t.compile and cuda:
-        model.projector = torch.compile(model.projector, dynamic=True)
-        model.decoder = torch.compile(model.decoder, dynamic=True)
+        model.compile_parts(dynamic=True)  # compiles what forward calls, in place: state-dict keys unchanged
     wrapped, optimizer = accelerator.prepare(model, optimizer)
 
     store = CheckpointStore.open(
