@@ -3,13 +3,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXP ?= tiny
+EXP ?= mini
 # uv does not read pip's configuration: hand it pip's find-links (a local wheel folder) when there is one,
 # so the pinned CPU torch is taken from disk instead of downloading a CUDA build.
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 
-.PHONY: help setup train check test test-all lint format bench clean build-image run-image push-image
+.PHONY: help setup train check test test-all lint format bench bench-data clean build-image run-image push-image
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed  ## create .venv and install the project with its dev tools
 
-train: setup  ## train EXP (default tiny, offline on CPU) as the image does: one process per GPU (ARGS=overrides)
+train: setup  ## train EXP (default mini: offline on CPU, WER falls in minutes) as the image does: one process per GPU (ARGS=overrides)
 	EXP=$(EXP) PYTHON=$(abspath $(BIN)/python) docker/start.sh train $(ARGS)
 
 check: setup  ## validate EXP's config and environment, download nothing
@@ -35,6 +35,12 @@ test: setup  ## the default test suite (~10 min on 2 cores; never touches the ne
 
 test-all: setup  ## every test, the container build and the slow runs included
 	$(BIN)/python -m pytest -q -m ""
+
+bench: setup  ## time a training step against its irreducible parts and a naive baseline (BENCH_ARGS; CPU is fine)
+	$(BIN)/python -m tiny_audio.bench.step $(BENCH_ARGS)
+
+bench-data: setup  ## data-pipeline throughput per CPU core and padding, with and without bucketing
+	$(BIN)/python -m tiny_audio.bench.data
 
 lint: setup  ## ruff
 	$(BIN)/ruff check .
