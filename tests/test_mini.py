@@ -79,7 +79,6 @@ def test_plot_run_reads_a_console_log_and_metrics_jsonl(tmp_path: Path) -> None:
     curves = parse_metrics_jsonl("\n".join(json.dumps(r) for r in records))
     assert curves.train == [(10, 6.1)] and curves.wer == [(20, 12.5)]
 
-    pytest.importorskip("matplotlib")
     from click.testing import CliRunner
 
     (tmp_path / "run.log").write_text(LOG)
