@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from tiny_audio.checkpoint import MODEL_CONFIG_FILE, PROJECTOR_FILE, model_card, write_model_files
@@ -32,7 +33,10 @@ def load_trained(directory: Path, *, device: torch.device, token: str | None = N
     for path in (config_path, weights):
         if not path.is_file():
             raise UserError(f"{directory} is not a tiny-audio checkpoint: {path.name} is missing")
-    cfg = Config.model_validate(json.loads(config_path.read_text()))
+    try:
+        cfg = Config.model_validate(json.loads(config_path.read_text()))
+    except ValidationError as exc:
+        raise UserError(f"{config_path} is not a valid tiny-audio config: {exc.errors()[0]['msg']}") from None
     model = build_model(cfg, device=device, token=token)
     model.projector.load_state_dict(load_file(str(weights), device=str(device)))
     model.eval()

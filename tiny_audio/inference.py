@@ -25,6 +25,7 @@ from tiny_audio.checkpoint import MODEL_CONFIG_FILE, RESUME_DIR
 from tiny_audio.config import Config, DataConfig, load_config, parse_override
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import word_error_rate
+from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.text import normalize_for_wer
 
@@ -70,36 +71,7 @@ def load_checkpoint(
     with checkpoint_folder(model_ref, token=token, endpoint=endpoint) as folder:
         if not (folder / MODEL_CONFIG_FILE).is_file() and (folder / RESUME_DIR).is_dir():
             raise UserError(f"{folder} holds only resume files: point --model at a step-N checkpoint folder")
-        return _load_trained(folder, device=device or default_device(), token=token)
-
-
-def _load_trained(folder: Path, *, device: torch.device, token: str | None) -> tuple[ASRModel, Config]:
-    """`export.load_trained`, tolerant of settings the checkpoint's secret scrubbing replaced by `<redacted>`
-    (hub.scrub treats any key containing "token" as a secret, e.g. data.max_new_tokens): those fall back to
-    their defaults instead of failing validation."""
-    from safetensors.torch import load_file
-
-    from tiny_audio.checkpoint import PROJECTOR_FILE
-    from tiny_audio.hub import REDACTED
-    from tiny_audio.model.loading import build_model
-
-    config_path, weights = folder / MODEL_CONFIG_FILE, folder / PROJECTOR_FILE
-    for path in (config_path, weights):
-        if not path.is_file():
-            raise UserError(f"{folder} is not a tiny-audio checkpoint: {path.name} is missing")
-    raw = json.loads(config_path.read_text())
-    for section in raw.values():
-        if isinstance(section, dict):
-            for key in [k for k, v in section.items() if v == REDACTED]:
-                del section[key]
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as exc:
-        raise UserError(f"{config_path} is not a valid tiny-audio config: {exc.errors()[0]['msg']}") from None
-    model = build_model(cfg, device=device, token=token)
-    model.projector.load_state_dict(load_file(str(weights), device=str(device)))
-    model.eval()
-    return model, cfg
+        return load_trained(folder, device=device or default_device(), token=token)
 
 
 def eval_data_config(
