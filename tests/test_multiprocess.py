@@ -35,8 +35,17 @@ def torchrun(n: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
 
 
-def launch(command: list[str], output_dir: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EXP": "tiny", "OUTPUT_DIR": str(output_dir), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+def launch(
+    command: list[str], output_dir: Path, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        **(env or {}),
+        "EXP": "tiny",
+        "OUTPUT_DIR": str(output_dir),
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     env["ACCELERATE_USE_CPU"] = "true"  # for accelerate launch; torchrun ignores it
     return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
@@ -60,8 +69,8 @@ def entrypoint(
     return result
 
 
-def worker(n: int, output_dir: Path, *overrides: str) -> list[dict[str, Any]]:
-    result = launch(torchrun(n, __file__, str(output_dir), *overrides), output_dir)
+def worker(n: int, output_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    result = launch(torchrun(n, __file__, str(output_dir), *overrides), output_dir, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     views = [json.loads((output_dir / f"rank{r}.json").read_text()) for r in range(n)]
     assert [v["world_size"] for v in views] == [n] * n
@@ -214,6 +223,65 @@ def test_deepspeed_zero2_trains_resumes_and_its_projector_loads_without_it(tmp_p
         assert torch.equal(tensor, weights[name]), name
 
 
+def test_deepspeed_zero3_shards_every_weight_matches_ddp_resumes_and_its_projector_loads_without_it(
+    tmp_path: Path,
+) -> None:
+    import torch
+
+    from tiny_audio.export import load_trained
+
+    # The shipped zero3.json keeps parameters under 100k elements whole on every rank, which is all of the tiny
+    # models: with the threshold at 0 every weight is sharded, so each place that reads one outside its
+    # module's forward (embedding RMS, the fused loss head, saving and loading the projector) must gather it.
+    config = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp_path / "zero3_all.json").write_text(json.dumps(config))
+    zero3 = f"training.deepspeed={tmp_path / 'zero3_all.json'}"
+    run = ["training.batch_size=2", "training.max_steps=5", "training.save_steps=3"]
+    sharded, ddp = tmp_path / "zero3", tmp_path / "ddp"
+    first = entrypoint(2, sharded, zero3, *run, launcher="accelerate")
+    assert "DeepSpeed" in first.stdout and "projector trainable       82,304" in first.stdout
+    entrypoint(2, ddp, *run, launcher="accelerate")
+    reference = losses(ddp)
+    for step, loss in losses(sharded).items():
+        assert loss == pytest.approx(reference[step], rel=1e-5), step
+    saved = torch.load(sharded / "checkpoints/step-00000003/last-checkpoint/optimizer.pt", weights_only=True)
+    assert len(saved["deepspeed_ranks"]) == 2
+    expected = interrupted_after(sharded, 3, 5)
+
+    again = entrypoint(2, sharded, zero3, *run)
+    assert "at step 3" in again.stdout
+    got = losses(sharded)
+    assert sorted(got) == [4, 5]
+    for step, loss in got.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+
+    # whole weights (not one rank's slice), equal to what the same run under DDP trained
+    model, _ = load_trained(sharded / "checkpoints/step-00000005", device=torch.device("cpu"))
+    plain, _ = load_trained(ddp / "checkpoints/step-00000005", device=torch.device("cpu"))
+    for (name, tensor), other in zip(
+        model.projector.state_dict().items(), plain.projector.state_dict().values(), strict=True
+    ):
+        assert tensor.shape == other.shape and torch.allclose(tensor, other, atol=1e-5), name
+
+
+def test_deepspeed_skips_a_non_finite_step_and_counts_it(tmp_path: Path) -> None:
+    views = worker(
+        1,
+        tmp_path,
+        "training.deepspeed=zero2",
+        "training.max_steps=4",
+        "training.batch_size=2",
+        env={"POISON_STEPS": "2"},
+    )
+    (view,) = views
+    assert view["code"] == 0 and view["skipped_steps"] == 1
+    before = view["weights_before"]  # the projector as steps 1..4 start (step 1 runs at warm-up's LR 0)
+    assert before[1] == before[2]  # step 2's NaN gradient changed nothing
+    assert before[2] != before[3]  # step 3 updated again
+    assert [m["train/skipped_steps"] for m in map(json.loads, (tmp_path / "metrics.jsonl").open())] == [0, 1, 1, 1]
+
+
 def load_file_cpu(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -224,8 +292,11 @@ def load_file_cpu(path: Path) -> dict[str, Any]:
 
 
 def _work(output_dir: Path, overrides: list[str]) -> None:
-    from safetensors.torch import save_model
+    import dataclasses
 
+    import torch
+
+    from tiny_audio.checkpoint import save_projector
     from tiny_audio.config import load_config
     from tiny_audio.train import cleanup, setup, train_loop
 
@@ -234,10 +305,17 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
     keys: list[str] = []
     stream = run.stream
 
+    # POISON_STEPS="2,3": NaN audio in those steps' batches (one micro-batch per step in these runs)
+    poison = {int(s) for s in os.environ.get("POISON_STEPS", "").split(",") if s}
+    weights_before: list[float] = []  # the projector's weight sum as each step starts
+
     class Recorder:
         def __next__(self) -> Any:
+            weights_before.append(sum(float(p.detach().double().sum()) for p in run.raw.projector.parameters()))
             batch = next(stream)
             keys.extend(batch.keys)
+            if len(weights_before) in poison:
+                batch = dataclasses.replace(batch, audio=torch.full_like(batch.audio, float("nan")))
             return batch
 
         def __getattr__(self, name: str) -> Any:
@@ -249,9 +327,16 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
     finally:
         cleanup(run)
     acc = run.accelerator
-    view = {"rank": acc.process_index, "world_size": acc.num_processes, "keys": keys, "code": code}
+    view = {
+        "rank": acc.process_index,
+        "world_size": acc.num_processes,
+        "keys": keys,
+        "code": code,
+        "skipped_steps": run.skipped_steps,
+        "weights_before": weights_before,
+    }
     (output_dir / f"rank{acc.process_index}.json").write_text(json.dumps(view))
-    save_model(run.raw.projector, str(output_dir / f"rank{acc.process_index}.safetensors"))
+    save_projector(run.raw.projector, output_dir / f"rank{acc.process_index}.safetensors")  # copies ZeRO views out
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def test_deepspeed_configs_are_filled_from_the_experiment() -> None:
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
     on_gpu = deepspeed_config(tiny_config("training.deepspeed=zero1"), world_size=1, grad_accum=1, cuda=True)
     assert on_gpu["bf16"] == {"enabled": True}
-    with pytest.raises(ConfigError, match="ZeRO stage 3 does not work"):
-        deepspeed_config(tiny_config("training.deepspeed=zero3"), world_size=2, grad_accum=1, cuda=False)
+    stage3 = deepspeed_config(tiny_config("training.deepspeed=zero3"), world_size=4, grad_accum=2, cuda=True)
+    assert stage3["zero_optimization"]["stage"] == 3 and stage3["train_batch_size"] == 8 * 4 * 2
     with pytest.raises(ConfigError, match=r"training\.deepspeed must be one of zero1, zero2, zero3"):
         tiny_config("training.deepspeed=zero9")

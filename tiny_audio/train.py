@@ -39,6 +39,7 @@ from tiny_audio.export import export_model
 from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
+from tiny_audio.model.sharding import gathered
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
 from tiny_audio.tracking import Tracker, resolve_mode, start_tracker
 
@@ -110,14 +111,6 @@ def deepspeed_config(cfg: Config, *, world_size: int, grad_accum: int, cuda: boo
         ds = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"training.deepspeed: cannot read {path}: {exc}") from None
-    if int(ds.get("zero_optimization", {}).get("stage", 0)) == 3:
-        # Measured on CPU with the tiny experiment: the frozen encoder runs under torch.inference_mode, and
-        # ZeRO-3 prefetches the projector's gathered weights inside it, so backward fails ("Inference tensors
-        # cannot be saved for backward"); the first loss is also NaN. Refused until the model code allows it.
-        raise ConfigError(
-            f"training.deepspeed={name}: ZeRO stage 3 does not work with this trainer yet (the frozen encoder runs "
-            "in inference mode, which ZeRO-3's parameter gathering cannot cross); use zero1 or zero2"
-        )
     ds["train_micro_batch_size_per_gpu"] = t.batch_size
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = t.batch_size * grad_accum * world_size
@@ -317,14 +310,16 @@ def resume(run: Run) -> str | None:
         log.info("no checkpoint found: starting a fresh run")
         return None
     deepspeed = uses_deepspeed(run.accelerator)
-    train_state, data_state = read_checkpoint(
-        directory,
-        projector=run.raw.projector,
-        optimizer=None if deepspeed else run.optimizer,
-        scheduler=run.scheduler,
-        config=run.cfg.to_dict(),
-        rank=run.accelerator.process_index,
-    )
+    # (under ZeRO-3 every rank reads the same weights into the gathered projector; rank 0's copy is re-sharded)
+    with gathered(run.raw.projector.parameters(), modifier_rank=0):
+        train_state, data_state = read_checkpoint(
+            directory,
+            projector=run.raw.projector,
+            optimizer=None if deepspeed else run.optimizer,
+            scheduler=run.scheduler,
+            config=run.cfg.to_dict(),
+            rank=run.accelerator.process_index,
+        )
     if deepspeed:
         load_deepspeed_optimizer(run, directory)
     run.stream.load_state_dict(data_state)
@@ -441,8 +436,11 @@ def load_deepspeed_optimizer(run: Run, directory: Path) -> None:
             f"{directory} was saved by {len(parts)} DeepSpeed processes, this run has "
             f"{run.accelerator.num_processes}: ZeRO optimizer state resumes with the same process count"
         )
+    zero = run.optimizer.optimizer
+    for part in parts:  # the fp16 loss scaler is left out when saving (see plain_state); ZeRO-3 reads it back
+        part.setdefault("loss_scaler", getattr(zero, "loss_scaler", None))
     # fp32 master weights from the checkpoint itself (the model may hold bf16 copies of them)
-    run.optimizer.optimizer.load_state_dict(parts, load_from_fp32_weights=True)
+    zero.load_state_dict(parts, load_from_fp32_weights=True)
 
 
 def plain_state(value: Any) -> Any:
@@ -560,8 +558,14 @@ def save(run: Run, *, final: bool) -> None:
     """Write a checkpoint locally (atomically) and hand it to the store's background upload.
 
     Every rank takes part: its RNG states and data position (and under DeepSpeed its optimizer partition) are
-    gathered to the main process, which writes the one checkpoint.
+    gathered to the main process, which writes the one checkpoint. Under ZeRO-3 the projector's weights are
+    gathered from every rank's slice first (the files are written inside that block).
     """
+    with gathered(run.raw.projector.parameters()):
+        _save(run, final=final)
+
+
+def _save(run: Run, *, final: bool) -> None:
     acc = run.accelerator
     mine = RankState(rng=capture_rng(), data=run.stream.state_dict())
     ranks = gather_object([mine]) if acc.num_processes > 1 else [mine]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatur
 
 from tiny_audio.model.encoder import AudioEncoder
 from tiny_audio.model.features import LogMel
+from tiny_audio.model.sharding import gathered
 
 IGNORE = -100
 LOSS_CHUNK = 1024  # label positions per lm_head + cross-entropy chunk
@@ -65,8 +66,9 @@ class DecoderInputs:
     labels: torch.Tensor  # [B, L] token ids to predict, IGNORE on prompt, audio and padding
 
 
-@dataclass
-class StepOutput:
+class StepOutput(NamedTuple):
+    """(A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 finds the tensors in a module's output to hook backward.)"""
+
     loss_sum: torch.Tensor  # summed cross-entropy over label tokens (normalise by the step's token count)
     num_tokens: int  # label tokens in this micro-batch
     aux_loss: torch.Tensor  # projector's auxiliary loss (MoE balance), already weighted
@@ -117,15 +119,16 @@ class ASRModel(nn.Module):
 
     def features(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """audio [B, S] + lengths [B] -> log-mel [B, n_mels, T_mel] (padded only to the batch's longest clip)."""
-        with torch.inference_mode():
+        with torch.no_grad():
             return self.log_mel(audio, lengths)
 
     def encode_features(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log-mel [B, n_mels, T_mel] -> frozen encoder states [B, T_enc, C] + valid frames per clip [B]."""
-        with torch.inference_mode():  # no autograd graph, no saved activations: the encoder is frozen
-            hidden, enc_lengths = self.encoder(features.to(self.encoder_dtype), frame_lengths)
-        # Leave inference mode: the projector saves its input for backward.
-        return hidden.clone(), enc_lengths.clone()
+        # no_grad, not inference_mode: no autograd graph or saved activations either way, but ZeRO-3's hooks
+        # gather the encoder's partitioned weights into ordinary tensors, which inference mode forbids, and
+        # inference tensors could not be saved for backward by the projector without a copy.
+        with torch.no_grad():
+            return self.encoder(features.to(self.encoder_dtype), frame_lengths)
 
     def project(
         self, hidden: torch.Tensor, enc_lengths: torch.Tensor
@@ -179,7 +182,9 @@ class ASRModel(nn.Module):
         """
         head = self.decoder.get_output_embeddings()
         if not head.weight.requires_grad:
-            return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, LOSS_CHUNK)
+            # the head's weight is read outside its own forward, so ZeRO-3 does not gather it by itself
+            with gathered([p for p in (head.weight, head.bias) if p is not None]):
+                return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, LOSS_CHUNK)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], LOSS_CHUNK):
             h, t = hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK]

@@ -11,6 +11,7 @@ from tiny_audio.config import Config
 from tiny_audio.model.asr import ASRModel, PromptBuilder
 from tiny_audio.model.encoder import load_encoder
 from tiny_audio.model.projectors import build_projector
+from tiny_audio.model.sharding import gathered
 
 ASSET_SCHEME = "asset://"
 
@@ -49,8 +50,9 @@ def load_tokenizer(path: Path, *, audio_token: str) -> PreTrainedTokenizerBase:
 
 def embedding_rms(decoder: torch.nn.Module) -> float:
     """Typical RMS of the decoder's token embeddings: the scale audio embeddings should arrive at."""
-    weight = decoder.get_input_embeddings().weight.detach().float()
-    return float(weight.pow(2).mean(dim=-1).sqrt().median())
+    weight = decoder.get_input_embeddings().weight
+    with gathered([weight]):  # under ZeRO-3 each rank holds only a slice of the table
+        return float(weight.detach().float().pow(2).mean(dim=-1).sqrt().median())
 
 
 def build_model(
@@ -90,6 +92,8 @@ def parameter_report(model: ASRModel) -> list[tuple[str, int, int]]:
     rows = []
     for name in ("encoder", "projector", "decoder"):
         params = list(getattr(model, name).parameters())
-        trainable = sum(p.numel() for p in params if p.requires_grad)
-        rows.append((name, trainable, sum(p.numel() for p in params) - trainable))
+        # (a ZeRO-3 parameter holds only this rank's slice; ds_numel is its full size)
+        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in params]
+        trainable = sum(n for n, grad in sizes if grad)
+        rows.append((name, trainable, sum(n for n, _ in sizes) - trainable))
     return rows
