@@ -44,7 +44,7 @@ ARG PIP_FIND_LINKS
 ARG EXTRA_PIP_PACKAGES=""
 
 WORKDIR /app
-COPY pyproject.toml ./
+COPY pyproject.toml docker/constraints.txt ./
 # The pip CA bundle is an OPTIONAL build secret (only where TLS is intercepted); it is mounted for this one
 # command and never written to a layer.
 RUN --mount=type=secret,id=pip_ca,required=false \
@@ -52,7 +52,8 @@ RUN --mount=type=secret,id=pip_ca,required=false \
     && python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
     && pip install pip==25.3 setuptools==80.9.0 \
-    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt $EXTRA_PIP_PACKAGES \
+    && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements.txt -c constraints.txt \
+        $EXTRA_PIP_PACKAGES \
     && rm /tmp/requirements.txt \
     && python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 

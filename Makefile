@@ -9,7 +9,7 @@ EXP ?= mini
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 
-.PHONY: help setup train check test test-all lint format bench bench-data clean build-image run-image push-image
+.PHONY: help setup constraints train check test test-all lint format bench bench-data clean build-image run-image push-image
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -17,10 +17,17 @@ help:  ## list the targets
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# docker/constraints.txt pins every package to the version the tests last passed with; the image installs the
+# same set, so a new release upstream cannot change what a build gets. `make constraints` rewrites it.
+$(VENV)/.installed: pyproject.toml docker/constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	$(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -e ".[dev]"
+	$(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -c docker/constraints.txt -e ".[dev]"
 	touch $@
+
+constraints: setup  ## pin .venv's versions for make setup and the image (after upgrading it and passing the tests)
+	{ echo "# Written by make constraints: the versions the tests passed with (torch is pinned in pyproject.toml)."; \
+	  $(BIN)/uv pip freeze --python $(BIN)/python | grep -v -E '^(-e |torch==|pip==|setuptools==|wheel==|uv==)'; \
+	} > docker/constraints.txt
 
 setup: $(VENV)/.installed  ## create .venv and install the project with its dev tools
 

@@ -105,8 +105,9 @@ def test_no_secret_in_build_args_or_env(commands: tuple[dockerfile.Command, ...]
 
 def test_dependencies_are_installed_before_the_source_is_copied(commands: tuple[dockerfile.Command, ...]) -> None:
     sequence = [(c.cmd, " ".join(c.value)) for c in commands]
-    copy_pyproject = sequence.index(("COPY", "pyproject.toml ./"))
+    copy_pyproject = sequence.index(("COPY", "pyproject.toml docker/constraints.txt ./"))
     install = next(i for i, (cmd, text) in enumerate(sequence) if cmd == "RUN" and "-r /tmp/requirements.txt" in text)
+    assert "-c constraints.txt" in sequence[install][1], "the image installs the tested versions"
     copy_source = next(i for i, (cmd, text) in enumerate(sequence) if cmd == "COPY" and text.startswith(". "))
     assert copy_pyproject < install < copy_source
     smoke = next(i for i, (cmd, text) in enumerate(sequence) if cmd == "RUN" and "tiny-audio --help" in text)
