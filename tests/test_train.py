@@ -4,7 +4,9 @@ non-finite steps skipped and counted, a diverging run stopped with a clear messa
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -286,3 +288,29 @@ def test_deepspeed_configs_are_filled_from_the_experiment() -> None:
     assert stage3["zero_optimization"]["stage"] == 3 and stage3["train_batch_size"] == 8 * 4 * 2
     with pytest.raises(ConfigError, match=r"training\.deepspeed must be one of zero1, zero2, zero3"):
         tiny_config("training.deepspeed=zero9")
+
+
+def test_eval_at_start_logs_the_untrained_baseline_before_the_first_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with_eval = [o for o in QUICK if o != "data.eval=null"]
+    cfg = load_config(
+        "tiny",
+        [
+            *with_eval,
+            "training.max_steps=2",
+            "training.eval_steps=2",
+            "training.eval_at_start=true",
+            "training.resume=false",
+            "data.eval_samples=4",
+            "data.eval_wer_samples=2",
+            "data.max_new_tokens=4",
+        ],
+    )
+    run = setup(cfg, output_dir=tmp_path, token=None, target=None)
+    try:
+        with caplog.at_level(logging.INFO, logger="tiny_audio"):
+            assert train_loop(run) == 0
+    finally:
+        cleanup(run)
+    assert re.findall(r"Eval step (\d+) \| Loss: [0-9.]+ \| WER", caplog.text) == ["0", "2"]

@@ -167,6 +167,8 @@ class TrainingConfig(Section):
     """Steps between console/tracker lines."""
     eval_steps: int = Field(1000, ge=1)
     """Steps between evaluations on the held-out set."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step of a fresh run: the untrained baseline (WER ~100%) on the curves."""
     save_steps: int = Field(1000, ge=1)
     """Steps between checkpoints."""
     keep_checkpoints: int = Field(2, ge=1)

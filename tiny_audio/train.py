@@ -345,6 +345,8 @@ def train_loop(run: Run) -> int:
     samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
     grad_norm = torch.zeros((), device=device)
 
+    if t.eval_at_start and run.step == 0 and run.eval_batches:
+        run_eval(run)  # the baseline the curves start from (a resumed run has it already)
     stopping = False
     while run.step < t.max_steps and not stopping:
         # -- data: every micro-batch of the step, so the loss can be normalised by the step's label tokens
