@@ -7,10 +7,11 @@ Built by `python -m tiny_audio.assets.build mini` (run it with `nice -n 10` on a
 - encoder: GLM-ASR tower (d 128, 4 layers) pretrained with character + BPE CTC heads, heads dropped.
 Both models are saved in float16 (the trainer loads them in float32).
 
-Build time measured on the 2-core development machine while shared with other jobs (load average 5-8, nice 10,
-one torch thread): corpus ~6 min, decoder ~5 min (700 steps, held-out copy accuracy 82%), encoder ~16 min (1500
-steps, held-out greedy CTC CER 27%) — about 27 min in all; on idle cores it is faster. Seeded: the same code
-gives the same sentences and tokenizer, and (same torch build, one thread) the same weights.
+Build time, measured end to end on the 2-core development machine (`nice -n 10`, one torch thread, other
+jobs running part of the time): 1,527 s (25 min) - corpus ~3 min, decoder ~3 min (700 steps, held-out copy
+accuracy 82%), encoder ~19 min (4,000 steps, held-out greedy CTC CER 5.4%; 27% after 1,500 steps). Seeded: the
+same code gives the same sentences, tokenizer and decoded audio (the Ogg container bytes differ between
+builds), and (same torch build, one thread) the same weights.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ MINI_CODEC: corpus.Codec = "OPUS"
 MINI_COMPRESSION = 1.0  # Opus at ~11 kbps: 3,200 clips in ~9 MB, espeak-ng speech still intelligible
 MINI_ENCODER = models.EncoderSpec(hidden_size=128, num_layers=4, num_heads=4)
 MINI_DECODER = models.DecoderSpec(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2)
-ENCODER_STEPS, ENCODER_BATCH, ENCODER_LR = 1500, 16, 3e-3
+ENCODER_STEPS, ENCODER_BATCH, ENCODER_LR = 4000, 16, 3e-3
 DECODER_STEPS, DECODER_BATCH = 700, 32
 # One thread: the weights then do not depend on the machine's core count, and on a shared 2-core machine one
 # thread is about twice as fast as two contending ones.
