@@ -86,7 +86,7 @@ def projector(output_dir: Path, rank: int) -> dict[str, Any]:
 
 def losses(output_dir: Path) -> dict[int, float]:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["train/loss"] for m in map(json.loads, lines)}
+    return {m["step"]: m["train/loss"] for m in map(json.loads, lines) if "train/loss" in m}
 
 
 def test_two_processes_see_different_samples_and_keep_identical_projectors(tmp_path: Path) -> None:
@@ -279,7 +279,10 @@ def test_deepspeed_skips_a_non_finite_step_and_counts_it(tmp_path: Path) -> None
     before = view["weights_before"]  # the projector as steps 1..4 start (step 1 runs at warm-up's LR 0)
     assert before[1] == before[2]  # step 2's NaN gradient changed nothing
     assert before[2] != before[3]  # step 3 updated again
-    assert [m["train/skipped_steps"] for m in map(json.loads, (tmp_path / "metrics.jsonl").open())] == [0, 1, 1, 1]
+    skipped = [
+        m["train/skipped_steps"] for m in map(json.loads, (tmp_path / "metrics.jsonl").open()) if "train/loss" in m
+    ]
+    assert skipped == [0, 1, 1, 1]
 
 
 def load_file_cpu(path: Path) -> dict[str, Any]:

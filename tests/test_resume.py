@@ -95,7 +95,7 @@ class Trainer:
 
     def metrics(self) -> dict[int, float]:
         path = self.output_dir / "metrics.jsonl"
-        return {m["step"]: m["train/loss"] for m in map(json.loads, path.read_text().splitlines())}
+        return {m["step"]: m["train/loss"] for m in map(json.loads, path.read_text().splitlines()) if "train/loss" in m}
 
     def kill(self) -> None:
         if self.proc.poll() is None:

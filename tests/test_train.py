@@ -62,8 +62,10 @@ def run_entrypoint(output_dir: Path, *overrides: str, env: dict[str, str] | None
     )
 
 
-def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(output_dir: Path, kind: str = "train/loss") -> list[dict[str, Any]]:
+    """The training lines of metrics.jsonl (kind="eval/loss": its evaluation lines)."""
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if kind in r]
 
 
 # --- gradient accumulation ---------------------------------------------------------------------------------
@@ -314,3 +316,8 @@ def test_eval_at_start_logs_the_untrained_baseline_before_the_first_step(
     finally:
         cleanup(run)
     assert re.findall(r"Eval step (\d+) \| Loss: [0-9.]+ \| WER", caplog.text) == ["0", "2"]
+    evals = read_metrics(tmp_path, kind="eval/loss")
+    assert [(r["step"], sorted(r)) for r in evals] == [
+        (s, ["eval/best_wer", "eval/loss", "eval/wer", "step"]) for s in (0, 2)
+    ]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]

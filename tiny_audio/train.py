@@ -499,7 +499,8 @@ def forward_backward(
 
 
 def append_metrics(output_dir: Path, step: int, metrics: dict[str, float]) -> None:
-    """One JSON line per logged step in OUTPUT_DIR/metrics.jsonl: the full-precision record, tracker or not."""
+    """One JSON line per logged step and per evaluation in OUTPUT_DIR/metrics.jsonl (training lines hold
+    `train/*`, evaluation lines `eval/*`): the full-precision record, tracker or not."""
     output_dir.mkdir(parents=True, exist_ok=True)
     with (output_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -547,6 +548,7 @@ def run_eval(run: Run) -> EvalResult:
     if run.accelerator.is_main_process:
         wer = f" | WER: {result.wer:.1%}" if result.wer is not None else ""
         log.info("Eval step %d | Loss: %.3f%s", run.step, result.loss, wer)
+        append_metrics(run.output_dir, run.step, run.metrics)
         for ref, hyp in result.examples[:2]:
             log.info("  ref: %s\n  hyp: %s", ref, hyp)
     run.tracker.log(run.metrics, step=run.step)
