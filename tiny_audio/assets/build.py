@@ -51,9 +51,7 @@ def build_tiny(*, out_dir: Path, with_corpus: bool = True) -> dict[str, float]:
         models.build_decoder(spec=TINY_DECODER, tokenizer=tokenizer, seed=TINY_SEED), tokenizer, out_dir / "decoder"
     )
     models.save_encoder(models.build_encoder(spec=TINY_ENCODER, seed=TINY_SEED), out_dir / "encoder")
-    figures["model_megabytes"] = (
-        sum(f.stat().st_size for sub in ("encoder", "decoder") for f in (out_dir / sub).iterdir()) / 1e6
-    )
+    figures["model_megabytes"] = models.saved_megabytes(out_dir)
     return figures
 
 

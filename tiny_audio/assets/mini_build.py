@@ -125,7 +125,5 @@ def _build_mini(*, out_dir: Path, with_corpus: bool, log: Callable[[str], None])
     figures["encoder_eval_cer"] = jiwer.cer(eval_refs, hyps)
     log(f"encoder: held-out CTC CER {figures['encoder_eval_cer']:.2%} (e.g. {hyps[0]!r} for {eval_refs[0]!r})")
     models.save_encoder(encoder.half(), out_dir / "encoder")
-    figures["model_megabytes"] = (
-        sum(f.stat().st_size for sub in ("encoder", "decoder") for f in (out_dir / sub).iterdir()) / 1e6
-    )
+    figures["model_megabytes"] = models.saved_megabytes(out_dir)
     return figures

@@ -126,6 +126,11 @@ def save_decoder(model: Qwen3ForCausalLM, tokenizer: PreTrainedTokenizerBase, pa
     tokenizer.save_pretrained(path)
 
 
+def saved_megabytes(out_dir: Path) -> float:
+    """Size on disk of the encoder and decoder saved under `out_dir` (what a build commits), in MB."""
+    return sum(f.stat().st_size for sub in ("encoder", "decoder") for f in (out_dir / sub).iterdir()) / 1e6
+
+
 def load_tower(path: str | Path) -> GlmAsrEncoder:
     """Only the audio tower of a saved GLM-ASR directory; raises if any tower weight is missing.
 

@@ -11,7 +11,7 @@ from tiny_audio.config import Config
 from tiny_audio.model.asr import ASRModel, PromptBuilder
 from tiny_audio.model.encoder import load_encoder
 from tiny_audio.model.projectors import build_projector
-from tiny_audio.model.sharding import gathered
+from tiny_audio.model.sharding import full_numel, gathered
 
 ASSET_SCHEME = "asset://"
 
@@ -92,8 +92,7 @@ def parameter_report(model: ASRModel) -> list[tuple[str, int, int]]:
     rows = []
     for name in ("encoder", "projector", "decoder"):
         params = list(getattr(model, name).parameters())
-        # (a ZeRO-3 parameter holds only this rank's slice; ds_numel is its full size)
-        sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in params]
+        sizes = [(full_numel(p), p.requires_grad) for p in params]
         trainable = sum(n for n, grad in sizes if grad)
         rows.append((name, trainable, sum(n for n, _ in sizes) - trainable))
     return rows

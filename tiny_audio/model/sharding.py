@@ -15,6 +15,11 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter (a ZeRO-3 parameter holds only this rank's slice of them)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 def gathered(params: Iterable[torch.Tensor], *, modifier_rank: int | None = None) -> AbstractContextManager:
     """Full values of `params` inside the block (a collective: every rank must enter it).
 
