@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tiny_audio.assets.plot_run import read_run
+
 pytestmark = pytest.mark.slow  # every test starts 2-3 processes of the trainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,8 +87,7 @@ def projector(output_dir: Path, rank: int) -> dict[str, Any]:
 
 
 def losses(output_dir: Path) -> dict[int, float]:
-    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
-    return {m["step"]: m["train/loss"] for m in map(json.loads, lines) if "train/loss" in m}
+    return dict(read_run(output_dir / "metrics.jsonl").train)
 
 
 def test_two_processes_see_different_samples_and_keep_identical_projectors(tmp_path: Path) -> None:

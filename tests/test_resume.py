@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from hub_server import Commit, HubServer, Repo
 
+from tiny_audio.assets.plot_run import read_run
 from tiny_audio.checkpoint import MANIFEST, PROJECTOR_FILE, RESUME_DIR
 from tiny_audio.signals import EXIT_STOPPED
 
@@ -94,8 +95,7 @@ class Trainer:
         return code
 
     def metrics(self) -> dict[int, float]:
-        path = self.output_dir / "metrics.jsonl"
-        return {m["step"]: m["train/loss"] for m in map(json.loads, path.read_text().splitlines()) if "train/loss" in m}
+        return dict(read_run(self.output_dir / "metrics.jsonl").train)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
