@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,8 +40,11 @@ def torchrun(n: int, *args: str) -> list[str]:
 
 
 def launch(
-    command: list[str], output_dir: Path, timeout: float = 600, env: dict[str, str] | None = None
+    command: list[str], output_dir: Path, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run a launcher and its workers to the end. A launch that outlives `timeout` (each takes well under a
+    minute; pytest's own limit is 600 s per test) is killed with every process it started, and the test fails
+    with the tail of what they printed, instead of pytest-timeout's bare stack of the waiting test."""
     env = {
         **os.environ,
         **(env or {}),
@@ -49,12 +54,36 @@ def launch(
         "OMP_NUM_THREADS": "1",
     }
     env["ACCELERATE_USE_CPU"] = "true"  # for accelerate launch; torchrun ignores it
-    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    process = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the workers too, or they outlive the test holding their ports
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(command[:4])}... still running after {timeout:.0f}s:\n{(stdout + stderr)[-5000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def accelerate_launch(n: int, *args: str) -> list[str]:
-    """What docker/start.sh runs on a machine without GPUs (ACCELERATE_USE_CPU is set by `launch`)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={n}", *args]
+    """What docker/start.sh runs on a machine without GPUs (ACCELERATE_USE_CPU is set by `launch`), on a free
+    port rather than accelerate's fixed 29500."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={n}",
+        f"--main_process_port={free_port()}",
+        *args,
+    ]
 
 
 def entrypoint(
@@ -97,6 +126,8 @@ def test_two_processes_see_different_samples_and_keep_identical_projectors(tmp_p
     keys = [set(v["keys"]) for v in views]
     assert all(len(k) == 6 for k in keys)
     assert not keys[0] & keys[1]
+    # every rank freed DDP's wrapper before destroying the process group, and destroyed it once
+    assert [(v["wrapper"], v["wrapper_alive_at_destroy"]) for v in views] == [("DistributedDataParallel", [False])] * 2
     first, second = projector(tmp_path, 0), projector(tmp_path, 1)
     assert first.keys() == second.keys()
     for name in first:
@@ -297,6 +328,8 @@ def load_file_cpu(path: Path) -> dict[str, Any]:
 
 def _work(output_dir: Path, overrides: list[str]) -> None:
     import dataclasses
+    import gc
+    import weakref
 
     import torch
 
@@ -326,10 +359,23 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
             return getattr(stream, name)
 
     run.stream = Recorder()
+    # Whether the DDP wrapper (and with it the C++ reducer that holds the process group) is still alive when
+    # the group is destroyed: freed after it, it can hang the process at exit (see train.release_ddp).
+    wrapper, wrapper_type = weakref.ref(run.model), type(run.model).__name__
+    alive_at_destroy: list[bool] = []
+    destroy = torch.distributed.destroy_process_group
+
+    def watched_destroy(*args: Any, **kwargs: Any) -> None:
+        gc.collect()
+        alive_at_destroy.append(wrapper() is not None)
+        destroy(*args, **kwargs)
+
+    torch.distributed.destroy_process_group = watched_destroy
     try:
         code = train_loop(run)
     finally:
         cleanup(run)
+        torch.distributed.destroy_process_group = destroy
     acc = run.accelerator
     view = {
         "rank": acc.process_index,
@@ -338,6 +384,8 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
         "code": code,
         "skipped_steps": run.skipped_steps,
         "weights_before": weights_before,
+        "wrapper": wrapper_type,
+        "wrapper_alive_at_destroy": alive_at_destroy,
     }
     (output_dir / f"rank{acc.process_index}.json").write_text(json.dumps(view))
     save_projector(run.raw.projector, output_dir / f"rank{acc.process_index}.safetensors")  # copies ZeRO views out

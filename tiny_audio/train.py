@@ -7,6 +7,7 @@ checkpoint. Everything it needs is built once in `setup` and held by a `Run`.
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import logging
 import math
@@ -622,9 +623,26 @@ def cleanup(run: Run) -> None:
                 )
         run.store.close()
         run.tracker.finish()
+        release_ddp(run)
         run.accelerator.end_training()
     finally:
         run.stop.uninstall()
+
+
+def release_ddp(run: Run) -> None:
+    """Free the DDP wrapper while the process group still exists, before end_training destroys the group.
+
+    DDP's C++ reducer holds the process group. Freed last (when `run` goes out of scope, after
+    destroy_process_group), the reducer is the group's last owner and destroys it while holding the GIL; a gloo
+    worker thread still releasing a finished collective's tensors then waits for that GIL forever, and a run
+    that has saved everything never exits (seen once in CI, rank 0 stuck in ~ProcessGroupGloo). Freed here,
+    the reducer only drops a reference, and destroy_process_group, which releases the GIL, ends the group.
+    """
+    if not isinstance(run.model, torch.nn.parallel.DistributedDataParallel):
+        return
+    run.accelerator.free_memory()  # accelerate's own references to the prepared model and optimizer
+    run.model = run.raw
+    gc.collect()  # the wrapper sits in reference cycles
 
 
 def train(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> int:
