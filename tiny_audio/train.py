@@ -623,10 +623,12 @@ def cleanup(run: Run) -> None:
                 )
         run.store.close()
         run.tracker.finish()
-        release_ddp(run)
-        run.accelerator.end_training()
     finally:
-        run.stop.uninstall()
+        try:  # even after a failure above: a process group left to DDP's reducer can hang the exit
+            release_ddp(run)
+            run.accelerator.end_training()
+        finally:
+            run.stop.uninstall()
 
 
 def release_ddp(run: Run) -> None:
