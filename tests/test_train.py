@@ -129,6 +129,38 @@ def test_two_micro_batches_give_the_gradient_of_one_double_batch() -> None:
     assert (averaged - one).norm() > 1e-3 * one.norm()
 
 
+def test_a_training_step_does_not_tokenise_what_the_data_planner_already_tokenised() -> None:
+    # The planner tokenises every transcript for the label-length filter (in its own thread); the step needs the
+    # ids twice more (the step's token count and the labels). Those must come from the prompt builder's cache.
+    cfg = tiny_config()
+    acc = make_accelerator(cfg)
+    model = build_model(cfg, device=acc.device)
+    stream = build_train_stream(data=cfg.data, batch_size=4, seed=0, count_tokens=model.prompt.count_label_tokens)
+    try:
+        batch = next(stream)
+    finally:
+        stream.close()
+    tokenizer = model.prompt.tokenizer
+    calls: list[str] = []
+    real_call = type(tokenizer).__call__
+
+    def counting_call(self, text, *args, **kwargs):
+        calls.append(text)
+        return real_call(self, text, *args, **kwargs)
+
+    uncached = [len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in batch.texts]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(tokenizer), "__call__", counting_call)
+        _, tokens, _ = forward_backward(model, model, acc, [batch])
+        assert calls == []
+        assert model.prompt.count_label_tokens("a transcript the planner never saw") > 1
+        assert calls == ["a transcript the planner never saw"]
+    assert float(tokens) == sum(uncached)
+    assert [model.prompt.labels(t) for t in batch.texts] == [
+        [*tokenizer(t, add_special_tokens=False).input_ids, model.prompt.end_of_turn_id] for t in batch.texts
+    ]
+
+
 def test_accumulation_keeps_the_global_batch_whatever_the_process_count() -> None:
     cfg = tiny_config("training.batch_size=2", "training.global_batch_size=8")
     assert [gradient_accumulation(cfg, n) for n in (1, 2, 4)] == [4, 2, 1]

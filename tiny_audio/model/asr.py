@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import torch
@@ -24,6 +25,10 @@ from tiny_audio.model.sharding import gathered
 
 IGNORE = -100
 LOSS_CHUNK = 1024  # label positions per lm_head + cross-entropy chunk
+# Transcripts whose token ids are kept: the data planner tokenises each sample (label-length filter) one window
+# (batch_size x bucket_batches) plus the prefetch queue ahead of the step that needs the ids again, twice (the
+# step's token count and the labels); with the cache the training loop's thread does not tokenise at all.
+TRANSCRIPT_CACHE = 8192
 
 
 class PromptBuilder:
@@ -48,15 +53,19 @@ class PromptBuilder:
         split = ids.index(self.audio_id)
         self.prefix, self.suffix = ids[:split], ids[split + 1 :]
         self.end_of_turn_id: int = self.suffix[0]
+        self._transcript_ids = lru_cache(maxsize=TRANSCRIPT_CACHE)(self._tokenize)  # thread-safe
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def prompt(self, num_audio_tokens: int) -> list[int]:
         return [*self.prefix, *([self.audio_id] * num_audio_tokens), *self.suffix]
 
     def labels(self, text: str) -> list[int]:
-        return [*self.tokenizer(text, add_special_tokens=False).input_ids, self.end_of_turn_id]
+        return [*self._transcript_ids(text), self.end_of_turn_id]
 
     def count_label_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids) + 1
+        return len(self._transcript_ids(text)) + 1
 
 
 @dataclass
