@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from tiny_audio.checkpoint import PROJECTOR_FILE, RESUME_DIR, read_checkpoint
 from tiny_audio.config import Config, load_config
 from tiny_audio.data import build_train_stream
+from tiny_audio.data.batching import Batch
 from tiny_audio.export import load_trained
+from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model
 from tiny_audio.train import (
     TrainingDiverged,
@@ -85,15 +88,20 @@ def rows(batch: Any, start: int, stop: int) -> Any:
     )
 
 
-def test_two_micro_batches_give_the_gradient_of_one_double_batch() -> None:
+def tiny_step_setup() -> tuple[Accelerator, ASRModel, Batch]:
+    """(accelerator, model, first batch of 4 from the real stream, whose planner counted the label tokens)."""
     cfg = tiny_config()
     acc = make_accelerator(cfg)
     model = build_model(cfg, device=acc.device)
     stream = build_train_stream(data=cfg.data, batch_size=4, seed=0, count_tokens=model.prompt.count_label_tokens)
     try:
-        batch = next(stream)
+        return acc, model, next(stream)
     finally:
         stream.close()
+
+
+def test_two_micro_batches_give_the_gradient_of_one_double_batch() -> None:
+    acc, model, batch = tiny_step_setup()
     # shortest transcripts first, so the two halves hold different numbers of label tokens: averaging per
     # micro-batch would then weight them differently
     tokens = [model.prompt.count_label_tokens(t) for t in batch.texts]
@@ -132,14 +140,7 @@ def test_two_micro_batches_give_the_gradient_of_one_double_batch() -> None:
 def test_a_training_step_does_not_tokenise_what_the_data_planner_already_tokenised() -> None:
     # The planner tokenises every transcript for the label-length filter (in its own thread); the step needs the
     # ids twice more (the step's token count and the labels). Those must come from the prompt builder's cache.
-    cfg = tiny_config()
-    acc = make_accelerator(cfg)
-    model = build_model(cfg, device=acc.device)
-    stream = build_train_stream(data=cfg.data, batch_size=4, seed=0, count_tokens=model.prompt.count_label_tokens)
-    try:
-        batch = next(stream)
-    finally:
-        stream.close()
+    acc, model, batch = tiny_step_setup()
     tokenizer = model.prompt.tokenizer
     calls: list[str] = []
     real_call = type(tokenizer).__call__
