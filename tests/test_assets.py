@@ -22,6 +22,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from tests.ci import require_tools
 from tiny_audio.assets import ASSETS_DIR, corpus, resolve_asset
 from tiny_audio.assets.build import INSTRUCTION, TINY_EVAL, TINY_SEED, TINY_TRAIN, build_tiny, tiny_sentences
 from tiny_audio.assets.mini_build import MINI_EVAL, MINI_TRAIN, MINI_VOCAB, mini_sentences
@@ -159,10 +160,7 @@ def test_mini_corpus_and_tokenizer_rebuild_from_the_seed() -> None:
 
 
 def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:
-    if corpus.espeak_binary() is None:
-        # CI installs espeak-ng; elsewhere a missing binary only means this check cannot run.
-        assert os.environ.get("CI") != "true", "espeak-ng must be installed in CI"
-        pytest.skip("espeak-ng is not installed")
+    require_tools(["espeak-ng"] if corpus.espeak_binary() is None else [], hint="apt-get install espeak-ng")
     _, eval_texts = tiny_sentences()
     shipped_clips, _ = corpus.read_shard(Path(_shards("tiny", "eval")[0]))
     plans = corpus.plan(texts=eval_texts, seed=TINY_SEED + corpus.SPLIT_SEED_OFFSET["eval"])[:3]

@@ -32,10 +32,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.ci import require_tools
+
 pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parent.parent
-IN_CI = os.environ.get("CI", "").lower() == "true"
 BASE = "localhost/debian-base:bookworm"
 IMAGE = "localhost/tiny-audio-test/tiny-audio"
 TOOLS = ("podman", "runc", "mmdebstrap", "docker-registry", "make", "git")
@@ -47,12 +48,7 @@ FIGURES: dict[str, float] = {}
 
 
 def _need_tools() -> None:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        message = f"missing {', '.join(missing)} (.ci/run installs them with apt)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_tools([tool for tool in TOOLS if shutil.which(tool) is None], hint=".ci/run installs them with apt")
 
 
 class Podman:
