@@ -149,17 +149,15 @@ def test_a_training_step_does_not_tokenise_what_the_data_planner_already_tokenis
         calls.append(text)
         return real_call(self, text, *args, **kwargs)
 
-    uncached = [len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in batch.texts]
+    uncached = [tokenizer(t, add_special_tokens=False).input_ids for t in batch.texts]
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(type(tokenizer), "__call__", counting_call)
         _, tokens, _ = forward_backward(model, model, acc, [batch])
         assert calls == []
         assert model.prompt.count_label_tokens("a transcript the planner never saw") > 1
         assert calls == ["a transcript the planner never saw"]
-    assert float(tokens) == sum(uncached)
-    assert [model.prompt.labels(t) for t in batch.texts] == [
-        [*tokenizer(t, add_special_tokens=False).input_ids, model.prompt.end_of_turn_id] for t in batch.texts
-    ]
+    assert float(tokens) == sum(len(ids) + 1 for ids in uncached)
+    assert [model.prompt.labels(t) for t in batch.texts] == [[*ids, model.prompt.end_of_turn_id] for ids in uncached]
 
 
 def test_accumulation_keeps_the_global_batch_whatever_the_process_count() -> None:
