@@ -160,7 +160,7 @@ def test_mini_corpus_and_tokenizer_rebuild_from_the_seed() -> None:
 
 
 def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:
-    require_tools(["espeak-ng"] if corpus.espeak_binary() is None else [], hint="apt-get install espeak-ng")
+    require_tools("espeak-ng", hint="apt-get install espeak-ng")
     _, eval_texts = tiny_sentences()
     shipped_clips, _ = corpus.read_shard(Path(_shards("tiny", "eval")[0]))
     plans = corpus.plan(texts=eval_texts, seed=TINY_SEED + corpus.SPLIT_SEED_OFFSET["eval"])[:3]

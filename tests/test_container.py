@@ -47,10 +47,6 @@ FEW_STEPS = ("training.max_steps=4", "training.save_steps=2", "training.logging_
 FIGURES: dict[str, float] = {}
 
 
-def _need_tools() -> None:
-    require_tools([tool for tool in TOOLS if shutil.which(tool) is None], hint=".ci/run installs them with apt")
-
-
 class Podman:
     """podman with a private store and the settings this kernel needs (CONTAINERS.md), as argv and environment."""
 
@@ -150,7 +146,7 @@ def _build_context(destination: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    _need_tools()
+    require_tools(*TOOLS, hint=".ci/run installs them with apt")
     kept = os.environ.get("TINY_AUDIO_CONTAINER_DIR")
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
