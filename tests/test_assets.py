@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,38 @@ def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:
         samples, _ = sf.read(io.BytesIO(clip), dtype="float32")
         assert samples.shape == original.shape
         np.testing.assert_allclose(samples, original, atol=1e-4)
+
+
+def test_align_stage_trains_the_saved_tower_through_the_trainers_model(tmp_path: Path) -> None:
+    from tiny_audio.assets.align_encoder import align_encoder
+    from tiny_audio.assets.mini_build import _read_split
+    from tiny_audio.assets.models import load_tower
+
+    encoder_dir = tmp_path / "encoder"
+    shutil.copytree(ASSETS_DIR / "tiny" / "encoder", encoder_dir)
+    before = load_tower(encoder_dir).state_dict()
+    clips, texts = _read_split(ASSETS_DIR / "tiny" / "data", "train")
+    lines: list[str] = []
+    model = align_encoder(
+        encoder_dir=encoder_dir,
+        decoder_dir=ASSETS_DIR / "mini" / "decoder",  # pretrained: a random one gives the tower nothing to learn
+        clips=clips[:32],
+        texts=texts[:32],
+        steps=100,
+        batch_size=8,
+        learning_rate=3e-3,
+        seed=0,
+        log=lines.append,
+    )
+    losses = [float(line.split("| loss ")[1].split()[0]) for line in lines]
+    assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], lines  # steps 1, 50, 100
+    after = load_tower(encoder_dir).state_dict()
+    assert after.keys() == before.keys()
+    assert all(not torch.equal(after[k], before[k]) for k in before)  # every tower tensor trained and saved
+    tower = model.encoder.tower.state_dict()
+    assert all(torch.equal(after[k], tower[k].half().float()) for k in tower)  # saved as float16
+    for name in ("config.json", "preprocessor_config.json"):  # only the tensors were rewritten
+        assert (encoder_dir / name).read_text() == (ASSETS_DIR / "tiny" / "encoder" / name).read_text()
+    shipped = Qwen3ForCausalLM.from_pretrained(ASSETS_DIR / "mini" / "decoder", dtype=torch.float32).state_dict()
+    decoder = model.decoder.state_dict()
+    assert all(torch.equal(decoder[k], shipped[k]) for k in shipped)  # the decoder stayed frozen

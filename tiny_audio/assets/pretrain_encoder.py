@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,12 @@ def length_batches(lengths: Sequence[int], *, batch_size: int, rng: random.Rando
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def endless_batches(lengths: Sequence[int], *, batch_size: int, rng: random.Random) -> Iterator[list[int]]:
+    """`length_batches`, drawn anew from `rng` after each pass over the data, for as many steps as asked."""
+    while True:
+        yield from reversed(length_batches(lengths, batch_size=batch_size, rng=rng))
 
 
 def pad_features(mels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,12 +115,9 @@ def pretrain_encoder(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
     )
     tower.train()
-    batches: list[list[int]] = []
+    batches = endless_batches([m.shape[-1] for m in mels], batch_size=batch_size, rng=rng)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        if not batches:
-            batches = length_batches([m.shape[-1] for m in mels], batch_size=batch_size, rng=rng)
-        batch = batches.pop()
+    for step, batch in zip(range(1, steps + 1), batches, strict=False):
         features, lengths = pad_features([mels[i] for i in batch])
         states = encode(tower, spec_augment(features, rng), lengths)  # [B, T_enc, C]
         loss = torch.zeros(())
