@@ -15,10 +15,10 @@ from tiny_audio.config import load_config
 from tiny_audio.inference import evaluate_checkpoint, transcribe_files
 from tiny_audio.train import train
 
-# Held-out word error rate the run must reach: measured 13.6% (1200 steps); with the trainer broken on purpose
-# the same run ended at 64.7% (loss also on prompt and audio positions), 108.7% (generation prompt without
-# the chat template) and 98.1% (projector without gradient).
-MAX_WER = 0.25
+# Held-out word error rate the run must reach: measured 5.9% (600 steps); with the trainer broken on purpose
+# the same run ended at 76.4% (loss also on prompt and audio positions), 94.8% (generation prompt without
+# the chat template) and 97.7% (projector without gradient).
+MAX_WER = 0.15
 # And it must start from nothing: the untrained model (evaluated at step 0) does not recognise a word (98%).
 MIN_FIRST_WER = 0.9
 
