@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import click
+import transformers
 
 from tiny_audio.assets import ASSETS_DIR, corpus, grammar, models
 from tiny_audio.assets.tokenizer import INSTRUCTION, train_tokenizer
@@ -62,6 +63,7 @@ def main(which: str, no_corpus: bool) -> None:
     """Regenerate the shipped miniature assets under tiny_audio/assets/."""
     if not no_corpus and corpus.espeak_binary() is None:
         sys.exit("espeak-ng is not installed (apt-get install espeak-ng), or pass --no-corpus")
+    transformers.utils.logging.set_verbosity_error()  # the alignment stage loads only the tower, as expected
     builders = {"tiny": build_tiny}
     if which in ("mini", "all"):
         from tiny_audio.assets.mini_build import build_mini
