@@ -37,7 +37,7 @@ train: setup  ## train EXP (default mini: offline on CPU, WER falls in minutes) 
 check: setup  ## validate EXP's config and environment, download nothing
 	EXP=$(EXP) $(BIN)/python entrypoint.py check
 
-test: setup  ## the default test suite (~10 min on 2 cores; never touches the network)
+test: setup  ## the default test suite (~2 min on 2 cores; never touches the network)
 	$(BIN)/python -m pytest -q
 
 test-all: setup  ## every test, the container build and the slow runs included
