@@ -3,8 +3,9 @@
 tiny (~15 s): 400 + 40 espeak-ng utterances, a byte-level BPE tokenizer, RANDOM miniature encoder and decoder.
 mini (see tiny_audio/assets/mini_build.py for its timing): a larger corpus and PRETRAINED miniature models.
 
-Everything is seeded: a rebuild gives the same sentences, tokenizer and weights, and audio that decodes to the
-same samples. `--no-corpus` keeps the shipped corpus and rebuilds only what is derived from its sentences.
+Everything is seeded: a rebuild gives the same sentences, tokenizer and weights (trained weights: on the same
+machine and software; see mini_build.py), and audio that decodes to the same samples. `--no-corpus` keeps the
+shipped corpus and rebuilds only what is derived from its sentences.
 """
 
 from __future__ import annotations
