@@ -197,7 +197,10 @@ def test_align_stage_trains_the_saved_tower_through_the_trainers_model(tmp_path:
     assert len(losses) == 3 and losses[-1] < 0.7 * losses[0], lines  # steps 1, 50, 100
     after = load_tower(encoder_dir).state_dict()
     assert after.keys() == before.keys()
-    assert all(not torch.equal(after[k], before[k]) for k in before)  # every tower tensor trained and saved
+    # Every tower tensor trained by its gradient and saved: measured min 0.018 per tensor; with the encoder run
+    # under no_grad (as the trainer runs it) at most 3e-5, from float16 rounding.
+    moved = [(after[k] - before[k]).abs().max().item() for k in before]
+    assert min(moved) > 5e-3, moved
     tower = model.encoder.tower.state_dict()
     assert all(torch.equal(after[k], tower[k].half().float()) for k in tower)  # saved as float16
     for name in ("config.json", "preprocessor_config.json"):  # only the tensors were rewritten
