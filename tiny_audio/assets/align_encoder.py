@@ -19,13 +19,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import jiwer
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from tiny_audio.assets.pretrain_encoder import endless_batches, log_mel, pad_features
 from tiny_audio.config import load_config
+from tiny_audio.data.batching import collate
+from tiny_audio.evaluate import evaluate
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model
 
@@ -96,15 +97,12 @@ def _write_tower(trained: dict[str, torch.Tensor], path: Path) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
-@torch.no_grad()
 def held_out_wer(model: ASRModel, clips: Sequence[np.ndarray], texts: Sequence[str], *, batch_size: int = 25) -> float:
-    """Greedy transcripts of `clips` from the trainer's own generation path, scored against `texts`."""
-    hyps: list[str] = []
-    for start in range(0, len(clips), batch_size):
-        chunk = clips[start : start + batch_size]
-        lengths = torch.tensor([len(c) for c in chunk])
-        audio = torch.zeros(len(chunk), int(lengths.max()))
-        for row, clip in enumerate(chunk):
-            audio[row, : len(clip)] = torch.from_numpy(np.asarray(clip, dtype=np.float32))
-        hyps += model.generate(audio, lengths, max_new_tokens=48)
-    return jiwer.wer(list(texts), hyps)
+    """Greedy WER of `clips` against `texts`, through the trainer's own batching and evaluation."""
+    starts = range(0, len(clips), batch_size)
+    batches = [
+        collate(clips[i : i + batch_size], texts=texts[i : i + batch_size], keys=texts[i : i + batch_size])
+        for i in starts
+    ]
+    result = evaluate(model, batches, device=torch.device("cpu"), wer_samples=len(clips), max_new_tokens=48)
+    return float(result.wer)
