@@ -174,13 +174,13 @@ def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:
 
 def test_align_stage_trains_the_saved_tower_through_the_trainers_model(tmp_path: Path) -> None:
     from tiny_audio.assets.align_encoder import align_encoder
-    from tiny_audio.assets.mini_build import _read_split
+    from tiny_audio.assets.mini_build import read_split
     from tiny_audio.assets.models import load_tower
 
     encoder_dir = tmp_path / "encoder"
     shutil.copytree(ASSETS_DIR / "tiny" / "encoder", encoder_dir)
     before = load_tower(encoder_dir).state_dict()
-    clips, texts = _read_split(ASSETS_DIR / "tiny" / "data", "train")
+    clips, texts = read_split(ASSETS_DIR / "tiny" / "data", "train")
     lines: list[str] = []
     model = align_encoder(
         encoder_dir=encoder_dir,

@@ -1,7 +1,9 @@
-"""Regenerate the shipped assets: `python -m tiny_audio.assets.build [tiny|mini|all] [--no-corpus]`.
+"""Regenerate the shipped assets: `python -m tiny_audio.assets.build [tiny|mini|cliff|cliff-data|all] [--no-corpus]`.
 
 tiny (~15 s): 400 + 40 espeak-ng utterances, a byte-level BPE tokenizer, RANDOM miniature encoder and decoder.
 mini (see tiny_audio/assets/mini_build.py for its timing): a larger corpus and PRETRAINED miniature models.
+cliff (~17 min, from mini): the gated decoder of the `cliff` experiment (see tiny_audio/assets/cliff_build.py).
+cliff-data (~1 min, from mini, not shipped): that experiment's joined utterances; `make cliff` builds them.
 
 Everything is seeded: a rebuild gives the same sentences, tokenizer and weights (trained weights: on the same
 machine and software; see mini_build.py), and audio that decodes to the same samples. `--no-corpus` keeps the
@@ -58,11 +60,11 @@ def build_tiny(*, out_dir: Path, with_corpus: bool = True) -> dict[str, float]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["tiny", "mini", "all"]), default="tiny")
+@click.argument("which", type=click.Choice(["tiny", "mini", "cliff", "cliff-data", "all"]), default="tiny")
 @click.option("--no-corpus", is_flag=True, help="Keep the shipped speech corpus; rebuild tokenizer and models.")
 def main(which: str, no_corpus: bool) -> None:
     """Regenerate the shipped miniature assets under tiny_audio/assets/."""
-    if not no_corpus and corpus.espeak_binary() is None:
+    if not no_corpus and which in ("tiny", "mini", "all") and corpus.espeak_binary() is None:
         sys.exit("espeak-ng is not installed (apt-get install espeak-ng), or pass --no-corpus")
     transformers.utils.logging.set_verbosity_error()  # the alignment stage loads only the tower, as expected
     builders = {"tiny": build_tiny}
@@ -70,9 +72,21 @@ def main(which: str, no_corpus: bool) -> None:
         from tiny_audio.assets.mini_build import build_mini
 
         builders["mini"] = build_mini
-    for name in ("tiny", "mini") if which == "all" else (which,):
+    if which in ("cliff", "cliff-data", "all"):
+        from tiny_audio.assets.cliff_build import build_cliff_data, build_cliff_decoder
+
+        def cliff(*, out_dir: Path, with_corpus: bool) -> dict[str, float]:
+            build_cliff_decoder(src_dir=ASSETS_DIR / "mini" / "decoder", out_dir=out_dir / "decoder")
+            return {"model_megabytes": sum(f.stat().st_size for f in (out_dir / "decoder").iterdir()) / 1e6}
+
+        def cliff_data(*, out_dir: Path, with_corpus: bool) -> dict[str, float]:
+            return build_cliff_data(src_dir=ASSETS_DIR / "mini" / "data", out_dir=out_dir / "data")
+
+        builders |= {"cliff": cliff, "cliff-data": cliff_data}
+    for name in ("tiny", "mini", "cliff") if which == "all" else (which,):
         start = time.perf_counter()
-        figures = builders[name](out_dir=ASSETS_DIR / name, with_corpus=not no_corpus)
+        out_dir = ASSETS_DIR / name.removesuffix("-data")
+        figures = builders[name](out_dir=out_dir, with_corpus=not no_corpus)
         figures["build_seconds"] = round(time.perf_counter() - start, 1)
         click.echo(f"{name}: {json.dumps({k: round(v, 2) for k, v in figures.items()})}")
 

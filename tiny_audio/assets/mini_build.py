@@ -62,7 +62,8 @@ def mini_sentences() -> tuple[list[str], list[str]]:
     return sentences[:MINI_TRAIN], sentences[MINI_TRAIN:]
 
 
-def _read_split(data_dir: Path, split: str) -> tuple[list[np.ndarray], list[str]]:
+def read_split(data_dir: Path, split: str) -> tuple[list[np.ndarray], list[str]]:
+    """Decoded clips and texts of every `{split}-*.parquet` shard in `data_dir`, in shard order."""
     clips: list[np.ndarray] = []
     texts: list[str] = []
     for path in sorted(data_dir.glob(f"{split}-*.parquet")):
@@ -106,7 +107,7 @@ def _build_mini(*, out_dir: Path, with_corpus: bool, log: Callable[[str], None])
     encoder = models.build_encoder(spec=MINI_ENCODER, seed=MINI_SEED)
     tower = encoder.model.audio_tower
     extractor = models.feature_extractor()
-    clips, texts = _read_split(out_dir / "data", "train")
+    clips, texts = read_split(out_dir / "data", "train")
     char_head = pretrain_encoder(
         tower=tower,
         extractor=extractor,
@@ -119,7 +120,7 @@ def _build_mini(*, out_dir: Path, with_corpus: bool, log: Callable[[str], None])
         seed=MINI_SEED,
         log=log,
     )
-    eval_clips, eval_refs = _read_split(out_dir / "data", "eval")
+    eval_clips, eval_refs = read_split(out_dir / "data", "eval")
     hyps = greedy_transcripts(tower=tower, head=char_head, extractor=extractor, clips=eval_clips)
     figures["encoder_eval_cer"] = jiwer.cer(eval_refs, hyps)
     log(f"encoder: held-out CTC CER {figures['encoder_eval_cer']:.2%} (e.g. {hyps[0]!r} for {eval_refs[0]!r})")
@@ -138,7 +139,7 @@ def align_stage(*, out_dir: Path, tokenizer: PreTrainedTokenizerBase, log: Calla
     train_texts, eval_texts = mini_sentences()
     other, accuracy = _pretrained_decoder(tokenizer, train_texts, eval_texts, seed=ALIGN_DECODER_SEED, log=log)
     figures = {"align_decoder_eval_copy_accuracy": accuracy}
-    clips, texts = _read_split(out_dir / "data", "train")
+    clips, texts = read_split(out_dir / "data", "train")
     with tempfile.TemporaryDirectory() as tmp:
         models.save_decoder(other.half(), tokenizer, Path(tmp))  # loaded back exactly as the trainer loads one
         model = align_encoder(
@@ -152,7 +153,7 @@ def align_stage(*, out_dir: Path, tokenizer: PreTrainedTokenizerBase, log: Calla
             seed=MINI_SEED,
             log=log,
         )
-    eval_clips, eval_refs = _read_split(out_dir / "data", "eval")
+    eval_clips, eval_refs = read_split(out_dir / "data", "eval")
     figures["align_eval_wer"] = held_out_wer(model, eval_clips[:100], eval_refs[:100])
     log(f"aligned encoder: held-out WER {figures['align_eval_wer']:.2%} through the decoder it was aligned to")
     return figures
