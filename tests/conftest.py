@@ -16,6 +16,14 @@ CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3's template behaves this way at the generation prompt: the empty think block appears only when the caller
+# passes enable_thinking=false (a hybrid reasoning model that thinks unless told not to).
+QWEN3_LIKE_CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
 SENTENCES = [
     "the quick brown fox jumps over the lazy dog",
     "transcribe the audio please",
@@ -24,8 +32,14 @@ SENTENCES = [
 ]
 
 
-def build_tiny_models(root: Path, *, seed: int = 0, decoder_hidden: int = 64) -> tuple[Path, Path]:
-    """A tiny GLM-ASR checkpoint (tower + small LLM, as the real one) and a tiny Qwen3 + tokenizer, on disk."""
+def build_tiny_models(
+    root: Path, *, seed: int = 0, decoder_hidden: int = 64, chat_template: str = CHATML
+) -> tuple[Path, Path]:
+    """A tiny GLM-ASR checkpoint (tower + small LLM, as the real one) and a tiny Qwen3 + tokenizer, on disk.
+
+    The tokenizer knows Qwen3's think markers as added tokens (as Qwen3's does); `chat_template` decides whether
+    a prompt ever holds them.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -60,8 +74,9 @@ def build_tiny_models(root: Path, *, seed: int = 0, decoder_hidden: int = 64) ->
     )
     bpe.train_from_iterator(SENTENCES, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, chat_template=CHATML, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+        tokenizer_object=bpe, chat_template=chat_template, eos_token="<|im_end|>", pad_token="<|endoftext|>"
     )
+    tokenizer.add_tokens(["<think>", "</think>"])
     tokenizer.save_pretrained(decoder_dir)
     vocab = (len(tokenizer) + 8 + 63) // 64 * 64
     config = Qwen3Config(
@@ -83,3 +98,9 @@ def build_tiny_models(root: Path, *, seed: int = 0, decoder_hidden: int = 64) ->
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+@pytest.fixture(scope="session")
+def qwen3_like_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """As `tiny_model_dirs`, with a chat template that switches thinking as Qwen3's does."""
+    return build_tiny_models(tmp_path_factory.mktemp("qwen3-like-models"), chat_template=QWEN3_LIKE_CHAT)

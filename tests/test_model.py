@@ -123,7 +123,8 @@ def test_batch_padding_does_not_change_the_loss(model: ASRModel) -> None:
     assert together == pytest.approx(alone, rel=1e-4)
 
 
-def test_training_prompt_is_the_generation_prompt(model: ASRModel) -> None:
+def assert_training_prompt_is_the_generation_prompt(model: ASRModel) -> str:
+    """The decoder's input up to the answer is the same in training and generation; returns the prompt's text."""
     seen: list[torch.Tensor] = []
     hook = model.decoder.base_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append(kwargs.get("inputs_embeds")), with_kwargs=True
@@ -139,9 +140,31 @@ def test_training_prompt_is_the_generation_prompt(model: ASRModel) -> None:
     assert seen[2] is None
     prompt_len = generate_embeds.shape[1]
     torch.testing.assert_close(train_embeds[:, :prompt_len], generate_embeds)
-    text = model.prompt.tokenizer.decode(model.prompt.prompt(2))
+    return model.prompt.tokenizer.decode(model.prompt.prompt(2))
+
+
+def test_training_prompt_is_the_generation_prompt(model: ASRModel) -> None:
+    text = assert_training_prompt_is_the_generation_prompt(model)
+    # a template without a thinking switch (the miniatures') opens the answer right after the assistant marker
     assert text.endswith("<|im_start|>assistant\n")
     assert "<think>" not in text and "Transcribe the audio. <audio><audio>" in text
+
+
+def test_a_qwen3_template_gets_the_empty_think_block_in_training_and_generation(
+    qwen3_like_model_dirs: tuple[Path, Path],
+) -> None:
+    encoder, decoder = qwen3_like_model_dirs
+    cfg = load_config("tiny", [f"model.encoder_id={encoder}", f"model.decoder_id={decoder}", "projector.hidden_dim=32"])
+    qwen3 = build_model(cfg, device=torch.device("cpu"))
+    text = assert_training_prompt_is_the_generation_prompt(qwen3)
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert qwen3.prompt.render().count("<audio>") == 1
+    # the answer's labels follow the think block: the transcript, then the end of the turn
+    tok = qwen3.prompt.tokenizer
+    assert qwen3.prompt.labels("a tiny model") == [
+        *tok("a tiny model", add_special_tokens=False).input_ids,
+        tok.convert_tokens_to_ids("<|im_end|>"),
+    ]
 
 
 def test_log_mel_matches_the_whisper_feature_extractor() -> None:

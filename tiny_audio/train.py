@@ -198,6 +198,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     if is_main:
         for part, trainable, frozen in parameter_report(model):
             log.info("%-9s trainable %12s | frozen %12s", part, f"{trainable:,}", f"{frozen:,}")
+        log.info("prompt: %r", model.prompt.render())  # what the decoder reads; <audio> stands for the clip
     t = cfg.training
     params = [p for p in model.parameters() if p.requires_grad]  # the projector's only
     optimizer = torch.optim.AdamW(

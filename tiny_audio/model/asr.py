@@ -36,8 +36,12 @@ class PromptBuilder:
 
     The chat template is rendered once with a single placeholder and split around it, so a prompt for any
     number of audio tokens is prefix + [audio] * n + suffix. The end-of-turn token is the first token after the
-    user's content (`<|im_end|>` for Qwen3), so the model learns to stop where a chat turn stops. No thinking
-    block appears: the assistant turn is opened exactly as the template opens it for generation.
+    user's content (`<|im_end|>` for Qwen3), so the model learns to stop where a chat turn stops.
+
+    Thinking is switched off (`enable_thinking=False`): Qwen3 is a hybrid reasoning model whose template then
+    opens the assistant turn with an empty `<think>\n\n</think>\n\n` block, as the course renders it; without
+    it a frozen Qwen3 is asked to skip the think block it opens on every answer. Templates that do not know the
+    switch ignore it.
     """
 
     def __init__(self, *, tokenizer: PreTrainedTokenizerBase, instruction: str, audio_token: str) -> None:
@@ -45,7 +49,10 @@ class PromptBuilder:
         self.audio_token = audio_token
         self.audio_id: int = tokenizer.convert_tokens_to_ids(audio_token)
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": f"{instruction} {audio_token}"}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": f"{instruction} {audio_token}"}],
+            add_generation_prompt=True,
+            tokenize=False,
+            enable_thinking=False,
         )
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if ids.count(self.audio_id) != 1:
@@ -60,6 +67,10 @@ class PromptBuilder:
 
     def prompt(self, num_audio_tokens: int) -> list[int]:
         return [*self.prefix, *([self.audio_id] * num_audio_tokens), *self.suffix]
+
+    def render(self) -> str:
+        """The prompt as text, with one audio placeholder standing for the clip's audio tokens (for the log)."""
+        return self.tokenizer.decode(self.prompt(1), skip_special_tokens=False)
 
     def labels(self, text: str) -> list[int]:
         return [*self._transcript_ids(text), self.end_of_turn_id]
