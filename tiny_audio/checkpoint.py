@@ -23,12 +23,11 @@ import json
 import logging
 import os
 import random
-import re
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,15 +41,14 @@ from safetensors.torch import load_file, save_file
 from tiny_audio.config import HubConfig
 from tiny_audio.errors import UserError
 from tiny_audio.hub import (
-    REDACTED,
     HubRepo,
     RetryPolicy,
     describe,
     is_hub_repo,
     repo_id_of,
     require_token,
-    scrub,
 )
+from tiny_audio.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +106,11 @@ def write_checkpoint(
     if scheduler is not None:
         torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     _write_rng(directory, ranks=ranks)
-    _write_json(directory / "train_state.json", scrub_config(train_state))
+    _write_json(directory / "train_state.json", redact(train_state))
     _write_json(directory / "data_state.json", ranks[0].data if ranks else data_state)
     if ranks and len(ranks) > 1:
         _write_json(directory / RANKS_FILE, {"world_size": len(ranks), "data": [r.data for r in ranks]})
-    _write_json(directory / "config.json", scrub_config(config))
+    _write_json(directory / "config.json", redact(config))
     for name, source in (export_files or {}).items():
         shutil.copyfile(source, directory / name)
     write_manifest(directory, step=int(train_state.get("step", 0)))
@@ -215,29 +213,6 @@ def check_compatible(*, stored: dict[str, Any], current: dict[str, Any], where: 
             f"the checkpoint in {where} was trained with another model or projector "
             f"({'; '.join(differences)}); {_START_FRESH}"
         )
-
-
-# A key that names a secret ends in one of these words (`hf_token`, `WANDB_API_KEY`); `max_new_tokens` does not.
-_SECRET_KEY_NAME = re.compile(r"(?:^|_)(?:token|api_key|apikey|secret|password|authorization)$", re.IGNORECASE)
-
-
-def scrub_config(config: Any, *, secrets: Iterable[str | None] = ()) -> Any:
-    """`config` with secrets removed: the given values and anything shaped like a Hub token wherever they occur,
-    and the values of keys that name a secret (`hf_token`, `api_key`, ...).
-
-    Unlike `scrub`, a key that merely contains "token" is kept: `max_new_tokens` and `max_label_tokens` are
-    settings, and redacting them would make a saved config unloadable.
-    """
-    if isinstance(config, str):
-        return scrub(config, secrets=secrets)
-    if isinstance(config, dict):
-        return {
-            k: REDACTED if isinstance(k, str) and _SECRET_KEY_NAME.search(k) and v else scrub_config(v, secrets=secrets)
-            for k, v in config.items()
-        }
-    if isinstance(config, list | tuple):
-        return type(config)(scrub_config(v, secrets=secrets) for v in config)
-    return config
 
 
 def save_projector(projector: torch.nn.Module, path: Path) -> None:
@@ -376,9 +351,9 @@ def write_model_files(
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_projector(projector, directory / PROJECTOR_FILE)
-    _write_json(directory / MODEL_CONFIG_FILE, scrub_config(config))
+    _write_json(directory / MODEL_CONFIG_FILE, redact(config))
     if card is not None:
-        (directory / "README.md").write_text(scrub(card))
+        (directory / "README.md").write_text(redact(card))
 
 
 def model_card(*, config: dict[str, Any], step: int, metrics: dict[str, float] | None = None) -> str:

@@ -68,11 +68,11 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def setup_logging(*, secrets: list[str], is_main: bool = True) -> None:
-    from tiny_audio.hub import ScrubFilter
+    from tiny_audio.redact import RedactFilter
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    handler.addFilter(ScrubFilter(secrets=secrets))
+    handler.addFilter(RedactFilter(secrets=secrets))
     logger = logging.getLogger("tiny_audio")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
@@ -80,7 +80,7 @@ def setup_logging(*, secrets: list[str], is_main: bool = True) -> None:
     # Libraries' warnings (huggingface_hub, datasets, ...) pass the same secret filter, prefixed by their source.
     other = logging.StreamHandler(sys.stderr)
     other.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
-    other.addFilter(ScrubFilter(secrets=secrets))
+    other.addFilter(RedactFilter(secrets=secrets))
     logging.root.handlers[:] = [other]
     logging.root.setLevel(logging.WARNING)
     for name in ("huggingface_hub", "transformers", "datasets", "accelerate"):

@@ -1,4 +1,4 @@
-"""Every call to the Hugging Face Hub, behind retries; plus the token rules (require it, never leak it).
+"""Every call to the Hugging Face Hub, behind retries; plus the rule that pushing needs a token.
 
 Nothing else in the project imports `huggingface_hub` for network I/O: the checkpoint store, `eval` and
 `transcribe` go through `HubRepo`, and everything past it sees local paths.
@@ -17,7 +17,7 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,18 +54,13 @@ from tenacity import (
 )
 
 from tiny_audio.errors import UserError
+from tiny_audio.redact import redact
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-# Hub user tokens look like hf_XXXX (30+ characters); scrubbed even when nobody told us the value.
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
-# Keys whose values are secrets whatever they hold (HF_TOKEN, WANDB_API_KEY, "token", "password", ...): the
-# name must END in one, so settings like max_new_tokens or max_label_tokens stay readable.
-_SECRET_KEY = re.compile(r"(?:^|_)(?:token|api_key|apikey|secret|password|authorization)$", re.IGNORECASE)
-REDACTED = "<redacted>"
 # huggingface_hub's shared HTTP client waits forever by default: one stalled connection would hang the
 # uploader for the rest of the run. Reads/writes are per network operation, so big files are not cut off.
 HTTP_TIMEOUT = httpx2.Timeout(300.0, connect=30.0)
@@ -98,46 +93,6 @@ def require_token(target: str | None, token: str | None, *, write: bool = True) 
         )
 
 
-def scrub(value: T, *, secrets: Iterable[str | None] = ()) -> T:
-    """A copy of `value` (str, or dicts/lists/tuples of them) with every secret replaced by `<redacted>`.
-
-    Removed: the given secret values wherever they occur, anything shaped like a Hub token (`hf_...`), and
-    the values of keys named like secrets (`token`, `HF_TOKEN`, `api_key`, `password`, ...).
-    """
-    known = sorted({s for s in secrets if s}, key=len, reverse=True)
-    return _scrub(value, known)
-
-
-def _scrub(value: Any, known: list[str]) -> Any:
-    if isinstance(value, str):
-        for secret in known:
-            value = value.replace(secret, REDACTED)
-        return _TOKEN_PATTERN.sub(REDACTED, value)
-    if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) and v else _scrub(v, known))
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return type(value)(_scrub(v, known) for v in value)
-    return value
-
-
-class ScrubFilter(logging.Filter):
-    """A logging filter that removes secrets from every record's message (attach it to the handlers)."""
-
-    def __init__(self, *, secrets: Iterable[str | None] = ()) -> None:
-        super().__init__()
-        self.secrets = [s for s in secrets if s]
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = scrub(message, secrets=self.secrets)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
-
-
 # --- retries --------------------------------------------------------------------------------------------
 
 
@@ -168,7 +123,7 @@ def is_retryable(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """One line for logs: the error's class and first line, with secrets removed."""
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return scrub(f"{type(exc).__name__}: {first}")
+    return redact(f"{type(exc).__name__}: {first}")
 
 
 def bound_http_timeouts(timeout: httpx2.Timeout = HTTP_TIMEOUT, *, force: bool = False) -> httpx2.Timeout:

@@ -29,7 +29,6 @@ from tiny_audio.checkpoint import (
     capture_rng,
     manifest_step,
     read_checkpoint,
-    scrub_config,
     write_checkpoint,
 )
 from tiny_audio.config import DEEPSPEED_DIR, Config
@@ -41,6 +40,7 @@ from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
 from tiny_audio.model.sharding import gathered
+from tiny_audio.redact import redact
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
 from tiny_audio.tracking import Tracker, resolve_mode, start_tracker
 
@@ -176,7 +176,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     secrets = [token] if token else []
     grad_accum = gradient_accumulation(cfg, accelerator.num_processes)
     if is_main:
-        log.info("config:\n%s", json.dumps(scrub_config(cfg.to_dict(), secrets=secrets), indent=2))
+        log.info("config:\n%s", json.dumps(redact(cfg.to_dict(), secrets=secrets), indent=2))
         log.info(
             "processes: %d (%s) | micro-batch %d | accumulation %d | global batch %d%s",
             accelerator.num_processes,
@@ -253,7 +253,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         cfg.tracking,
         run_id=run_id,
         run_name=cfg.experiment,
-        config=scrub_config(cfg.to_dict(), secrets=secrets),
+        config=redact(cfg.to_dict(), secrets=secrets),
         output_dir=output_dir,
         is_main_process=is_main,
     )
@@ -581,7 +581,7 @@ def _save(run: Run, *, final: bool) -> None:
         optimizer_state = {"deepspeed_ranks": gather_object([part]) if acc.num_processes > 1 else [part]}
     if not acc.is_main_process:
         return
-    config = scrub_config(run.cfg.to_dict(), secrets=run.secrets)
+    config = redact(run.cfg.to_dict(), secrets=run.secrets)
     train_state = {
         "step": run.step,
         "tracker_run_id": run.tracker.run_id,
