@@ -24,6 +24,10 @@ EXPERIMENTS_DIR = CONFIG_DIR / "experiments"
 DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
 
 
+# How the frozen parts are stored and whether forwards run under bf16 autocast (tiny_audio.precision).
+PrecisionSetting = Literal["auto", "bf16-mixed", "bf16-frozen", "fp32-mixed", "fp32"]
+
+
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are checked on assignment."""
 
@@ -114,12 +118,17 @@ class DataConfig(Section):
         )
     )
     """Held-out source for eval loss and WER (None disables evaluation)."""
-    eval_samples: int = Field(200, ge=1)
-    """Fixed number of held-out samples used at every evaluation."""
-    eval_wer_samples: int = Field(64, ge=0)
-    """Held-out samples greedily transcribed for WER at every evaluation (0: loss only)."""
-    max_new_tokens: int = Field(128, ge=1)
-    """Longest transcript generated for WER and `transcribe`."""
+    eval_samples: int = Field(2000, ge=1)
+    """Held-out samples scored (loss) at every evaluation: a seeded sample drawn once from the whole eval split."""
+    eval_wer_samples: int = Field(500, ge=0)
+    """Of those, a seeded subset greedily transcribed for WER at every evaluation (0: loss only)."""
+    eval_scan_rows: int = Field(50_000, ge=1)
+    """Rows of the eval split read to draw the sample from, round-robin over its shards (a dev split is read
+    whole; a huge one is sampled from its first rows of every shard)."""
+    eval_seed: int = 0
+    """Seed of the eval sample: the same held-out set for every run whatever training.seed is."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Longest transcript generated for WER and `transcribe` (the course's 256)."""
     min_seconds: float = Field(0.3, ge=0)
     """Clips shorter than this are dropped."""
     max_seconds: float = Field(30.0, gt=0, le=30.0)
@@ -144,19 +153,21 @@ class TrainingConfig(Section):
     hub_model_id: str | None = None
     """Where checkpoints go: `user/name` (a Hub model repo) or `file:///abs/path`; None keeps them in OUTPUT_DIR."""
     max_steps: int = Field(20_000, ge=1)
-    """Optimizer steps to train."""
-    batch_size: int = Field(8, ge=1)
-    """Samples per device per micro-batch."""
-    global_batch_size: int | None = Field(None, ge=1)
-    """Samples per optimizer step over all devices; accumulation adapts. None: batch_size x processes."""
+    """Optimizer steps to train (the course's 20,000)."""
+    batch_size: int = Field(16, ge=1)
+    """Samples per device per micro-batch (the course's 16; halve it when a GPU runs out of memory)."""
+    global_batch_size: int | None = Field(32, ge=1)
+    """Samples per optimizer step over all devices, the course's 32: accumulation adapts to the processes
+    (16 x 2 on one GPU, 16 x 1 on two). None: batch_size x processes, one micro-batch per step."""
     learning_rate: float = Field(1e-4, gt=0)
-    """Peak learning rate of AdamW."""
-    weight_decay: float = Field(0.0, ge=0)
-    """AdamW weight decay."""
+    """Peak learning rate of AdamW (the course's training default)."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay (the course's 0.01)."""
     adam_beta1: float = Field(0.9, gt=0, lt=1)
-    adam_beta2: float = Field(0.999, gt=0, lt=1)
-    warmup_steps: int = Field(500, ge=0)
-    """Linear warm-up steps before the schedule."""
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    """AdamW's second-moment decay (the course's 0.95: it adapts faster than 0.999 to the loss's sudden drop)."""
+    warmup_steps: int = Field(1000, ge=0)
+    """Linear warm-up steps before the schedule (the course's 1,000)."""
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay after warm-up."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
@@ -179,8 +190,10 @@ class TrainingConfig(Section):
     """Seed for weights, data order and everything random."""
     resume: bool = True
     """Continue from the latest checkpoint in the store when there is one; false starts fresh."""
-    mixed_precision: Literal["auto", "bf16", "no"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU. The projector's weights stay fp32 either way."""
+    precision: PrecisionSetting = "auto"
+    """Number formats (the projector's weights are fp32 in every case): bf16-mixed (frozen parts bf16, forwards
+    under bf16 autocast), bf16-frozen (frozen parts bf16, projector computing in fp32), fp32-mixed (everything
+    fp32, bf16 autocast), fp32 (no autocast). auto: bf16-mixed on CUDA, fp32 on CPU."""
     compile: bool = False
     """torch.compile the projector and decoder (CUDA)."""
     deepspeed: str | None = None

@@ -28,6 +28,7 @@ def export_model(directory: Path, *, model: ASRModel, config: dict[str, Any], st
 def load_trained(directory: Path, *, device: torch.device, token: str | None = None) -> tuple[ASRModel, Config]:
     """Rebuild the ASR model a checkpoint folder describes and load its projector weights."""
     from tiny_audio.model.loading import build_model
+    from tiny_audio.precision import Precision
 
     config_path, weights = directory / MODEL_CONFIG_FILE, directory / PROJECTOR_FILE
     for path in (config_path, weights):
@@ -37,7 +38,8 @@ def load_trained(directory: Path, *, device: torch.device, token: str | None = N
         cfg = Config.model_validate(json.loads(config_path.read_text()))
     except ValidationError as exc:
         raise UserError(f"{config_path} is not a valid tiny-audio config: {exc.errors()[0]['msg']}") from None
-    model = build_model(cfg, device=device, token=token)
+    precision = Precision.resolve(cfg.training.precision, device_type=device.type)  # as the run trained
+    model = build_model(cfg, device=device, frozen_dtype=precision.frozen_dtype, token=token)
     model.projector.load_state_dict(load_file(str(weights), device=str(device)))
     model.eval()
     return model, cfg

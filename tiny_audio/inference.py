@@ -27,6 +27,7 @@ from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import word_error_rate
 from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
+from tiny_audio.precision import Precision
 from tiny_audio.text import normalize_for_wer
 
 log = logging.getLogger("tiny_audio")
@@ -136,6 +137,7 @@ def evaluate_checkpoint(
     model, cfg = load_checkpoint(model_ref, token=token, endpoint=endpoint)
     data = eval_data_config(cfg, experiment=experiment, overrides=overrides, samples=samples)
     device = next(model.projector.parameters()).device
+    precision = Precision.resolve(cfg.training.precision, device_type=device.type)
     log.info("eval: %s on %s (%d samples)", model_ref, _source_label(data), data.eval_samples)
     batches = build_eval_batches(
         data=data, batch_size=cfg.training.batch_size, count_tokens=model.prompt.count_label_tokens
@@ -148,7 +150,7 @@ def evaluate_checkpoint(
     hyps: list[str] = []
     loss_sum, tokens = 0.0, 0
     start = last_report = time.perf_counter()
-    with output.open("w") as out, torch.no_grad():
+    with output.open("w") as out, torch.no_grad(), precision.context(device.type):
         for batch in batches:
             audio, lengths = batch.audio.to(device), batch.audio_lengths.to(device)
             step = model(audio, lengths, batch.texts)
@@ -229,16 +231,18 @@ def transcribe_files(
     waves = [(Path(p), read_audio(Path(p))) for p in paths]
     model, cfg = load_checkpoint(model_ref, token=token, endpoint=endpoint)
     device = next(model.projector.parameters()).device
+    precision = Precision.resolve(cfg.training.precision, device_type=device.type)
     window = int(MAX_CLIP_SECONDS * SAMPLE_RATE)
     for path, wave in waves:
         pieces = []
         for start in range(0, wave.shape[0], window):
             chunk = wave[start : start + window]
-            text = model.generate(
-                chunk[None].to(device),
-                torch.tensor([chunk.shape[0]], device=device),
-                max_new_tokens=cfg.data.max_new_tokens,
-            )[0]
+            with precision.context(device.type):
+                text = model.generate(
+                    chunk[None].to(device),
+                    torch.tensor([chunk.shape[0]], device=device),
+                    max_new_tokens=cfg.data.max_new_tokens,
+                )[0]
             if text:
                 pieces.append(text)
         yield path, " ".join(pieces)

@@ -40,6 +40,7 @@ from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
 from tiny_audio.model.sharding import gathered
+from tiny_audio.precision import Precision
 from tiny_audio.redact import redact
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
 from tiny_audio.tracking import Tracker, resolve_mode, start_tracker
@@ -116,15 +117,16 @@ def deepspeed_config(cfg: Config, *, world_size: int, grad_accum: int, cuda: boo
     ds["gradient_accumulation_steps"] = grad_accum
     ds["train_batch_size"] = t.batch_size * grad_accum * world_size
     ds["gradient_clipping"] = t.max_grad_norm
-    bf16 = cuda and t.mixed_precision in ("auto", "bf16")
-    ds["bf16"] = {"enabled": bf16}
+    # DeepSpeed's bf16 mode is its autocast: the engine keeps fp32 master weights in the optimizer
+    precision = Precision.resolve(t.precision, device_type="cuda" if cuda else "cpu")
+    ds["bf16"] = {"enabled": cuda and precision.autocast}
     ds.pop("fp16", None)
     return ds
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available()
-    mixed = "bf16" if cuda and cfg.training.mixed_precision in ("auto", "bf16") else "no"
+    mixed = Precision.resolve(cfg.training.precision, device_type="cuda" if cuda else "cpu").accelerate_mixed_precision
     # gloo lets several CPU processes train together (tests, and machines without GPUs); a single process
     # must not ask for a process group at all.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -192,9 +194,8 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         )
 
     cuda = accelerator.device.type == "cuda"
-    model = build_model(
-        cfg, device=accelerator.device, frozen_dtype=torch.bfloat16 if cuda else torch.float32, token=token
-    )
+    precision = Precision.resolve(cfg.training.precision, device_type=accelerator.device.type)
+    model = build_model(cfg, device=accelerator.device, frozen_dtype=precision.frozen_dtype, token=token)
     if is_main:
         for part, trainable, frozen in parameter_report(model):
             log.info("%-9s trainable %12s | frozen %12s", part, f"{trainable:,}", f"{frozen:,}")

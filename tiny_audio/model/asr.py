@@ -157,6 +157,9 @@ class ASRModel(nn.Module):
         num_tokens = torch.div(enc_lengths, self.stack, rounding_mode="floor").clamp(min=1)  # [B]
         t_out = hidden.shape[1] // self.stack
         mask = torch.arange(t_out, device=hidden.device)[None, :] < num_tokens[:, None]  # [B, T']
+        # the projector reads the (possibly bf16) frozen states in its own dtype: fp32 master weights without
+        # autocast would otherwise meet a bf16 input in their first matmul
+        hidden = hidden.to(next(self.projector.parameters()).dtype)
         embeddings, aux = self.projector(hidden, mask)  # [B, T', D]
         return embeddings, num_tokens, aux
 
