@@ -24,7 +24,8 @@ from data_fixtures import (
 )
 
 from tiny_audio.config import DataConfig
-from tiny_audio.data import Batch, DropReason, TrainStream, build_eval_batches, build_train_stream
+from tiny_audio.data import Batch, DropReason, TrainStream, build_eval_set, build_train_stream
+from tiny_audio.data.eval import priority
 from tiny_audio.errors import UserError
 
 
@@ -160,25 +161,60 @@ def test_state_is_small_json_and_guards_against_misuse(tmp_path: Path, caplog: p
     assert "start of the current window" in caplog.text
 
 
-def test_eval_batches_are_the_first_valid_samples_in_file_order_sorted_by_duration(tmp_path: Path) -> None:
+def test_the_eval_set_is_a_seeded_sample_of_the_whole_split(tmp_path: Path) -> None:
     rows, positions = bad_rows()
-    files = write_shards(tmp_path, rows, prefix="eval", rows_per_shard=10)
+    files = write_shards(tmp_path, rows, prefix="eval", rows_per_shard=10)  # shards of 10, 10 and 2 rows
     keys = row_keys("eval", len(rows), rows_per_shard=10)
     bad = {keys[i] for where in positions.values() for i in where}
+    valid = [k for k in keys if k not in bad]
     data = DataConfig.model_validate(
-        {"train": [source(files)], "eval": source(files), "eval_samples": 9, "max_seconds": 3.0, "max_label_tokens": 8}
+        {
+            "train": [source(files)],
+            "eval": source(files),
+            "eval_samples": 9,
+            "eval_wer_samples": 4,
+            "max_seconds": 3.0,
+            "max_label_tokens": 8,
+        }
     )
-    batches = build_eval_batches(data=data, batch_size=4, count_tokens=words)
-    got = [k for b in batches for k in b.keys]
-    assert [len(b) for b in batches] == [4, 4, 1]
-    assert sorted(got) == sorted([k for k in keys if k not in bad][:9])
-    lengths = [int(n) for b in batches for n in b.audio_lengths]
-    assert lengths == sorted(lengths)
-    assert [digest(b) for b in build_eval_batches(data=data, batch_size=4, count_tokens=words)] == [
-        digest(b) for b in batches
-    ]
-    halves = [build_eval_batches(data=data, batch_size=4, count_tokens=words, rank=r, world_size=2) for r in (0, 1)]
-    assert [len(h) for h in halves] == [2, 1]
-    assert build_eval_batches(data=data.model_copy(update={"eval": None}), batch_size=4) == []
+    eval_set = build_eval_set(data=data, batch_size=4, count_tokens=words)
+    got = [k for b in eval_set.batches for k in b.keys]
+    # the 9 valid rows of lowest priority, from anywhere in the split (not its first rows)
+    expected = sorted(valid, key=lambda k: priority(0, k))[:9]
+    assert sorted(got) == sorted(expected)
+    assert sorted(expected) != sorted(valid[:9])
+    # the WER subset is the first 4 of them in priority order, batched apart from the rest
+    assert eval_set.transcribed == 1 and sorted(eval_set.batches[0].keys) == sorted(expected[:4])
+    assert [len(b) for b in eval_set.batches] == [4, 4, 1]
+    for batch in eval_set.batches:  # formed by duration within each group
+        assert batch.audio_lengths.tolist() == sorted(batch.audio_lengths.tolist())
+    again = build_eval_set(data=data, batch_size=4, count_tokens=words)
+    assert [digest(b) for b in again.batches] == [digest(b) for b in eval_set.batches]
+    other = build_eval_set(data=data.model_copy(update={"eval_seed": 1}), batch_size=4, count_tokens=words)
+    assert {k for b in other.batches for k in b.keys} != set(got)
+
+    halves = [build_eval_set(data=data, batch_size=4, count_tokens=words, rank=r, world_size=2) for r in (0, 1)]
+    assert [len(h.batches) for h in halves] == [2, 1] and [h.transcribed for h in halves] == [1, 0]
+    assert not build_eval_set(data=data.model_copy(update={"eval": None}), batch_size=4)
     many = data.model_copy(update={"eval_samples": 500})
-    assert sum(len(b) for b in build_eval_batches(data=many, batch_size=8, count_tokens=words)) == 22
+    assert build_eval_set(data=many, batch_size=8, count_tokens=words).samples == 22
+
+
+def test_a_capped_eval_scan_still_reads_every_shard(tmp_path: Path) -> None:
+    files = write_shards(tmp_path, good_rows(30, seconds=(0.3, 0.6), seed=3), prefix="eval", rows_per_shard=10)
+    data = DataConfig.model_validate(
+        {
+            "train": [source(files)],
+            "eval": source(files),
+            "eval_samples": 6,
+            "eval_scan_rows": 12,
+            "shuffle_block_rows": 4,
+        }
+    )
+    got = [k for b in build_eval_set(data=data, batch_size=8).batches for k in b.keys]
+    assert len(got) == 6
+    assert {k.split("/")[1] for k in got} <= {"0", "1", "2"}
+    scanned = row_keys("eval", 30, rows_per_shard=10)
+    read = [k for k in scanned if int(k.split("/")[2]) < 4]  # one block of 4 rows from each of the 3 shards
+    assert set(got) <= set(read)
+    assert got and sorted(got) == sorted(sorted(read, key=lambda k: priority(0, k))[:6])

@@ -42,24 +42,28 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def eval_clips(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, str]]:
-    """The first held-out clips of the tiny corpus as .ogg files, with their transcripts."""
-    shard = sorted((ASSETS_DIR / "tiny" / "data").glob("eval-*.parquet"))[0]
-    rows = pq.read_table(shard).slice(0, 2).to_pylist()
-    folder = tmp_path_factory.mktemp("clips")
-    out = []
-    for i, row in enumerate(rows):
-        path = folder / f"clip{i}.ogg"
-        path.write_bytes(row["audio"]["bytes"])
-        out.append((path, row["text"]))
-    return out
-
-
-@pytest.fixture(scope="session")
 def evaluated(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, list[dict], Path]:
     output = tmp_path_factory.mktemp("eval") / "out" / "results.jsonl"
     summary = evaluate_checkpoint(str(checkpoint), experiment=None, overrides=(), samples=2, output=output, token=None)
     return summary, [json.loads(line) for line in output.read_text().splitlines()], output
+
+
+@pytest.fixture(scope="session")
+def eval_clips(
+    evaluated: tuple[dict, list[dict], Path], tmp_path_factory: pytest.TempPathFactory
+) -> list[tuple[Path, str]]:
+    """The held-out clips `eval` scored (read back by their keys, eval/<shard>/<row>) as .ogg files, with their
+    transcripts."""
+    shards = sorted((ASSETS_DIR / "tiny" / "data").glob("eval-*.parquet"))
+    folder = tmp_path_factory.mktemp("clips")
+    out = []
+    for i, record in enumerate(evaluated[1]):
+        _, shard, row = record["key"].split("/")
+        found = pq.read_table(shards[int(shard)]).slice(int(row), 1).to_pylist()[0]
+        path = folder / f"clip{i}.ogg"
+        path.write_bytes(found["audio"]["bytes"])
+        out.append((path, found["text"]))
+    return out
 
 
 def test_eval_writes_one_line_per_sample_and_a_summary(evaluated: tuple[dict, list[dict], Path]) -> None:
@@ -94,12 +98,9 @@ def test_transcribe_gives_what_eval_decoded_for_the_same_clip(
     by_reference = {r["reference"]: r["hypothesis"] for r in evaluated[1]}
     results = list(transcribe_files(str(checkpoint), [p for p, _ in eval_clips], token=None))
     assert [p for p, _ in results] == [p for p, _ in eval_clips]
-    compared = 0
+    assert len(results) == 2
     for (_, text), (_, reference) in zip(results, eval_clips, strict=True):
-        if reference in by_reference:  # eval keeps the first valid clips in file order
-            assert text == by_reference[reference]
-            compared += 1
-    assert compared >= 1
+        assert text == by_reference[reference]
 
 
 def test_the_projector_weights_are_the_checkpoint_s(checkpoint: Path) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import jiwer
 import torch
 
+from tiny_audio.data.eval import EvalSet
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.text import normalize_for_wer
 
@@ -40,27 +41,25 @@ def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> flo
 @torch.no_grad()
 def evaluate(
     model: ASRModel,
-    batches: Iterable,
+    eval_set: EvalSet,
     *,
     device: torch.device,
-    wer_samples: int,
     max_new_tokens: int,
     autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> EvalResult:
-    """Token-normalised loss over every batch; greedy WER over the first `wer_samples` samples."""
+    """Token-normalised loss over every batch; greedy WER over the set's transcribed batches (its WER subset)."""
     was_training = model.training
     model.eval()
     loss_sum, tokens, refs, hyps = 0.0, 0, [], []
-    for batch in batches:
+    for i, batch in enumerate(eval_set.batches):
         audio, lengths = batch.audio.to(device), batch.audio_lengths.to(device)
         with autocast():
             out = model(audio, lengths, batch.texts)
             loss_sum += float(out.loss_sum)
             tokens += out.num_tokens
-            take = min(len(batch.texts), wer_samples - len(refs))
-            if take > 0:
-                hyps += model.generate(audio[:take], lengths[:take], max_new_tokens=max_new_tokens)
-                refs += batch.texts[:take]
+            if i < eval_set.transcribed:
+                hyps += model.generate(audio, lengths, max_new_tokens=max_new_tokens)
+                refs += batch.texts
     model.train(was_training)
     wer = word_error_rate(refs, hyps) if refs else None
     return EvalResult(

@@ -125,12 +125,12 @@ def evaluate_checkpoint(
     token: str | None,
     endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """Greedy WER (and token loss) of a checkpoint on the first `samples` valid held-out samples.
+    """Greedy WER (and token loss) of a checkpoint on a seeded sample of `samples` valid held-out samples.
 
     Each sample becomes one JSON line in `output` (key, reference, hypothesis, their normalised forms, word
     errors); progress is logged; the returned summary is what the CLI prints.
     """
-    from tiny_audio.data import build_eval_batches
+    from tiny_audio.data import build_eval_set
 
     if output.is_dir():
         raise UserError(f"--output {output} is a folder: give a file name such as eval_results.jsonl")
@@ -139,9 +139,11 @@ def evaluate_checkpoint(
     device = next(model.projector.parameters()).device
     precision = Precision.resolve(cfg.training.precision, device_type=device.type)
     log.info("eval: %s on %s (%d samples)", model_ref, _source_label(data), data.eval_samples)
-    batches = build_eval_batches(
+    # every sample is transcribed here: the whole sample is the "WER subset"
+    data.eval_wer_samples = data.eval_samples
+    batches = build_eval_set(
         data=data, batch_size=cfg.training.batch_size, count_tokens=model.prompt.count_label_tokens
-    )
+    ).batches
     total = sum(len(b) for b in batches)
     if total == 0:
         raise UserError(f"the eval source {_source_label(data)} holds no valid samples")

@@ -32,7 +32,7 @@ from tiny_audio.checkpoint import (
     write_checkpoint,
 )
 from tiny_audio.config import DEEPSPEED_DIR, Config
-from tiny_audio.data import build_eval_batches, build_train_stream
+from tiny_audio.data import EvalSet, build_eval_set, build_train_stream
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
@@ -61,7 +61,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     stream: Any
-    eval_batches: list
+    eval_set: EvalSet
     store: CheckpointStore
     tracker: Tracker
     grad_accum: int
@@ -229,11 +229,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         world_size=accelerator.num_processes,
         count_tokens=model.prompt.count_label_tokens,
     )
-    eval_batches = (
-        build_eval_batches(data=cfg.data, batch_size=t.batch_size, count_tokens=model.prompt.count_label_tokens)
-        if cfg.data.eval is not None
-        else []
-    )
+    eval_set = build_eval_set(data=cfg.data, batch_size=t.batch_size, count_tokens=model.prompt.count_label_tokens)
     run = Run(
         cfg=cfg,
         accelerator=accelerator,
@@ -242,7 +238,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         optimizer=optimizer,
         scheduler=scheduler,
         stream=stream,
-        eval_batches=eval_batches,
+        eval_set=eval_set,
         store=store,
         tracker=None,
         grad_accum=grad_accum,  # type: ignore[arg-type]
@@ -348,7 +344,7 @@ def train_loop(run: Run) -> int:
     samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
     grad_norm = torch.zeros((), device=device)
 
-    if t.eval_at_start and run.step == 0 and run.eval_batches:
+    if t.eval_at_start and run.step == 0 and run.eval_set:
         run_eval(run)  # the baseline the curves start from (a resumed run has it already)
     stopping = False
     while run.step < t.max_steps and not stopping:
@@ -405,7 +401,7 @@ def train_loop(run: Run) -> int:
             samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
 
         # -- evaluate and checkpoint
-        if run.eval_batches and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
+        if run.eval_set and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
             run_eval(run)
         # (a periodic save is left out while updates are being skipped: the last good checkpoint stays the newest)
         periodic = run.step % t.save_steps == 0 and run.bad_steps == 0
@@ -538,9 +534,8 @@ def stream_metrics(stream: Any) -> dict[str, float]:
 def run_eval(run: Run) -> EvalResult:
     result = evaluate(
         run.raw,
-        run.eval_batches,
+        run.eval_set,
         device=run.accelerator.device,
-        wer_samples=run.cfg.data.eval_wer_samples,
         max_new_tokens=run.cfg.data.max_new_tokens,
         autocast=run.accelerator.autocast,
     )

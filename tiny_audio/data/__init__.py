@@ -9,12 +9,12 @@ Files, in the order data flows through them:
 - `batching.py` `Batch`, length bucketing, collation
 - `planner.py`  interleave + rank split + windows of bucketed batches, as a function of a small position
 - `pipeline.py` `TrainStream` (prefetch threads, state_dict, stats) and `build_train_stream`
-- `eval.py`     `build_eval_batches`
+- `eval.py`     `build_eval_set`: a seeded sample of the eval split, fixed for the run
 """
 
 from tiny_audio.data.batching import Batch
-from tiny_audio.data.eval import build_eval_batches
+from tiny_audio.data.eval import EvalSet, build_eval_set
 from tiny_audio.data.filters import DropReason
 from tiny_audio.data.pipeline import TrainStream, build_train_stream
 
-__all__ = ["Batch", "DropReason", "TrainStream", "build_eval_batches", "build_train_stream"]
+__all__ = ["Batch", "DropReason", "EvalSet", "TrainStream", "build_eval_set", "build_train_stream"]
