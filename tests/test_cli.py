@@ -117,6 +117,20 @@ def test_check_prints_the_real_plan_offline(tmp_path: Path) -> None:
     assert "12,587,008 trainable parameters" in out
     assert "not checked" in out  # offline: says which checks it could not make
     assert not (tmp_path / "out").exists()  # check writes nothing
+    # the course's recipe, as it would run on this machine's one process
+    assert "global batch 32 = 16/device x 2 accumulation x 1 process(es)" in out
+    assert "AdamW lr 1.0e-04 (betas 0.9/0.95, weight decay 0.01), 1000 warm-up steps then cosine, clip 1" in out
+    assert "eval every 1000 steps on 2000 held-out samples (WER on 500, up to 256 new tokens)" in out
+    # no GPU here: the config is fine, but training would be refused, and check says so instead of "ready"
+    assert out.strip().splitlines()[-1].startswith("result: the config is ready, but training would be refused")
+
+
+def test_check_says_a_miniature_or_allow_cpu_trains_here(tmp_path: Path) -> None:
+    mini = invoke(["check"], env={"EXP": "mini", "OUTPUT_DIR": str(tmp_path / "a")})
+    assert mini.exit_code == 0 and mini.stdout.strip().endswith("result: ready")
+    allowed = invoke(["check"], env={"EXP": "mlp", "ALLOW_CPU": "1", "OUTPUT_DIR": str(tmp_path / "b")})
+    assert allowed.exit_code == 0 and allowed.stdout.strip().endswith("result: ready")
+    assert "ALLOW_CPU=1, so it would train on CPU" in allowed.stdout
 
 
 def test_help_documents_every_environment_variable() -> None:

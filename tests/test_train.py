@@ -347,6 +347,9 @@ def test_eval_at_start_logs_the_untrained_baseline_before_the_first_step(
     finally:
         cleanup(run)
     assert re.findall(r"Eval step (\d+) \| Loss: [0-9.]+ \| WER", caplog.text) == ["0", "2"]
+    # a RunPod user reads what the stream kept and dropped in the log itself (tiny's speech is all valid)
+    kept = re.findall(r"Eval step \d+ .*\| data: ([\d,]+) samples kept, 0 dropped since start", caplog.text)
+    assert kept == ["0", str(2 * cfg.training.batch_size)]
     evals = read_metrics(tmp_path, kind="eval/loss")
     assert [(r["step"], sorted(r)) for r in evals] == [
         (s, ["eval/best_wer", "eval/loss", "eval/wer", "step"]) for s in (0, 2)

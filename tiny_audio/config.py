@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -250,6 +251,11 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    @property
+    def is_miniature(self) -> bool:
+        """Both models ship inside the package (`asset://`): miniatures made to train on a CPU."""
+        return all(ref.startswith(ASSET_SCHEME) for ref in (self.model.encoder_id, self.model.decoder_id))
 
 
 def available_experiments() -> list[str]:

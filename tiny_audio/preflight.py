@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from tiny_audio.assets import ASSETS_DIR
+from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.config import Config, SourceConfig
 from tiny_audio.errors import UserError
-from tiny_audio.model.loading import ASSET_SCHEME
 
 # Widths of the public models the shipped experiments name, so the plan shows parameter counts offline.
 KNOWN_WIDTHS = {
@@ -33,13 +33,20 @@ class Report:
     lines: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    refused: str | None = None
+    """Why training would not start on this machine although the config is valid (no GPU)."""
 
     def render(self) -> str:
         out = list(self.lines)
         if self.unchecked:
             unique = list(dict.fromkeys(self.unchecked))  # the train and eval splits of one data set: said once
             out.append("not checked (Hub unreachable or offline): " + "; ".join(unique))
-        out.append("result: " + ("ready" if not self.problems else f"{len(self.problems)} problem(s)"))
+        if self.problems:
+            out.append(f"result: {len(self.problems)} problem(s)")
+        elif self.refused:
+            out.append(f"result: the config is ready, but {self.refused}")
+        else:
+            out.append("result: ready")
         return "\n".join(out)
 
 
@@ -54,17 +61,20 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
     in_dim, out_dim = width_of(m.encoder_id), width_of(m.decoder_id)
     params = f", {projector_parameters(cfg, in_dim, out_dim):,} trainable parameters" if in_dim and out_dim else ""
     report.lines.append(f"projector:  {p.type} (stack {p.stack}, hidden {p.hidden_dim}{params})")
-    report.lines.append(
-        f"training:   {t.max_steps} steps, batch {t.batch_size}/device, lr {t.learning_rate:g}, "
-        f"eval every {t.eval_steps}, checkpoint every {t.save_steps}"
-    )
+    gpus = torch.cuda.device_count()
+    processes = int(os.environ.get("NUM_PROCESSES") or max(gpus, 1))
+    report.lines += recipe_lines(cfg, processes=processes, report=report)
     for i, source in enumerate(cfg.data.train):
         report.lines.append(f"data[{i}]:    {describe_source(source)} (weight {source.weight:g})")
     if cfg.data.eval is not None:
         report.lines.append(f"eval:       {describe_source(cfg.data.eval)} ({cfg.data.eval_samples} samples)")
     report.lines.append(f"checkpoints: {target or 'local only'} (+ {output_dir}/checkpoints)")
-    gpus = torch.cuda.device_count()
-    report.lines.append(f"device:     {f'{gpus} CUDA GPU(s)' if gpus else 'CPU (no GPU visible)'}")
+    report.lines.append(f"device:     {describe_device(cfg, gpus)}")
+    if refused_here(cfg, gpus):
+        report.refused = (
+            "training would be refused on this machine: no GPU visible (on RunPod pick a GPU pod, with docker run "
+            "pass --gpus all; ALLOW_CPU=1 trains on CPU anyway)"
+        )
     from tiny_audio.tracking import resolve_mode
 
     try:
@@ -86,6 +96,49 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
         check_remote(report, hub.repo_id_of(target), kind="model", token=token, must_exist=False)
     check_writable(report, output_dir)
     return report
+
+
+def recipe_lines(cfg: Config, *, processes: int, report: Report) -> list[str]:
+    """The training recipe as it would run with `processes` processes: batch arithmetic, optimizer, schedule."""
+    t, d = cfg.training, cfg.data
+    per_step = t.batch_size * processes
+    global_batch = t.global_batch_size or per_step
+    if global_batch % per_step:
+        report.problems.append(
+            f"training.global_batch_size={global_batch} is not a multiple of training.batch_size x processes = "
+            f"{t.batch_size} x {processes}; choose a global batch size divisible by {per_step}"
+        )
+    accumulation = max(global_batch // per_step, 1)
+    precision = t.precision if t.precision != "auto" else "auto (bf16-mixed on a GPU, fp32 on CPU)"
+    evaluation = (
+        f"eval every {t.eval_steps} steps on {d.eval_samples} held-out samples (WER on {d.eval_wer_samples}, "
+        f"up to {d.max_new_tokens} new tokens)"
+        if d.eval is not None
+        else "no evaluation"
+    )
+    return [
+        f"training:   {t.max_steps} steps, global batch {global_batch} = {t.batch_size}/device x {accumulation} "
+        f"accumulation x {processes} process(es)",
+        f"optimizer:  AdamW lr {t.learning_rate:.1e} (betas {t.adam_beta1:g}/{t.adam_beta2:g}, weight decay "
+        f"{t.weight_decay:g}), {t.warmup_steps} warm-up steps then {t.lr_scheduler}, clip {t.max_grad_norm:g}, "
+        f"precision {precision}",
+        f"schedule:   {evaluation}; checkpoint every {t.save_steps} steps",
+    ]
+
+
+def describe_device(cfg: Config, gpus: int) -> str:
+    if gpus:
+        return f"{gpus} CUDA GPU(s)"
+    if cfg.is_miniature:
+        return "CPU (no GPU visible): a miniature experiment, made for the CPU"
+    if os.environ.get("ALLOW_CPU") == "1":
+        return "CPU (no GPU visible): ALLOW_CPU=1, so it would train on CPU (days for the real models)"
+    return "CPU (no GPU visible)"
+
+
+def refused_here(cfg: Config, gpus: int) -> bool:
+    """Whether training would refuse to start on this machine: real models, no GPU, no ALLOW_CPU=1."""
+    return gpus == 0 and not cfg.is_miniature and os.environ.get("ALLOW_CPU") != "1"
 
 
 def width_of(ref: str) -> int | None:

@@ -32,7 +32,7 @@ from tiny_audio.checkpoint import (
     write_checkpoint,
 )
 from tiny_audio.config import DEEPSPEED_DIR, Config
-from tiny_audio.data import EvalSet, build_eval_set, build_train_stream
+from tiny_audio.data import DropReason, EvalSet, build_eval_set, build_train_stream
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
@@ -543,9 +543,10 @@ def run_eval(run: Run) -> EvalResult:
     if result.wer is not None and not math.isnan(result.wer):
         run.best_wer = result.wer if run.best_wer is None else min(run.best_wer, result.wer)
         run.metrics["eval/best_wer"] = run.best_wer
+    data = data_summary(run)  # a collective: every rank takes part
     if run.accelerator.is_main_process:
         wer = f" | WER: {result.wer:.1%}" if result.wer is not None else ""
-        log.info("Eval step %d | Loss: %.3f%s", run.step, result.loss, wer)
+        log.info("Eval step %d | Loss: %.3f%s | %s", run.step, result.loss, wer, data)
         append_metrics(run.output_dir, run.step, run.metrics)
         for ref, hyp in result.examples[:2]:
             log.info("  ref: %s\n  hyp: %s", ref, hyp)
@@ -554,6 +555,19 @@ def run_eval(run: Run) -> EvalResult:
         "eval/examples", ["reference", "hypothesis"], [list(e) for e in result.examples], step=run.step
     )
     return result
+
+
+def data_summary(run: Run) -> str:
+    """`data: 31,872 samples kept, 12 dropped (too_long 8, silence 4) since start`, summed over every rank."""
+    stats = run.stream.stats()
+    reasons = [reason.value for reason in DropReason]
+    counts = [stats.get("samples", 0), *(stats.get(f"dropped/{r}", 0) for r in reasons)]
+    if run.accelerator.num_processes > 1:
+        total = torch.tensor(counts, dtype=torch.float64, device=run.accelerator.device)
+        counts = [int(v) for v in run.accelerator.reduce(total, reduction="sum").tolist()]
+    kept, drops = int(counts[0]), {r: int(n) for r, n in zip(reasons, counts[1:], strict=True) if n}
+    detail = f" ({', '.join(f'{r} {n:,}' for r, n in drops.items())})" if drops else ""
+    return f"data: {kept:,} samples kept, {sum(drops.values()):,} dropped{detail} since start"
 
 
 def save(run: Run, *, final: bool) -> None:
