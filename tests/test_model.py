@@ -191,6 +191,30 @@ def test_encoder_output_of_a_padded_batch_equals_the_clip_alone(model: ASRModel)
     torch.testing.assert_close(hidden[1, :n], alone[0, :n], rtol=1e-4, atol=1e-4)
 
 
+def test_window_padding_feeds_the_tower_exactly_as_glm_asr_s_processor(tiny_model_dirs: tuple[Path, Path]) -> None:
+    from transformers import GlmAsrProcessor
+
+    encoder, decoder = tiny_model_dirs
+    overrides = [f"model.encoder_id={encoder}", f"model.decoder_id={decoder}", "model.encoder_padding=window"]
+    windowed = build_model(load_config("tiny", [*overrides, "projector.hidden_dim=32"]), device=torch.device("cpu"))
+    audio, lengths = audio_batch((1.0, 0.52))
+    with torch.no_grad():
+        features, frames = windowed.features(audio, lengths)
+        hidden, _ = windowed.encode_features(features, frames)
+        _, num_audio, _ = windowed.project(*windowed.encode_features(features, frames))
+    assert features.shape[-1] == 3000 and hidden.shape[1] == 1500  # 30 s for every clip
+    extractor = windowed.feature_extractor
+    for i in range(2):
+        clip = audio[i, : lengths[i]].numpy()
+        # the processor's path: Whisper features padded to 30 s, the tower with no mask at all
+        ref = extractor(clip, sampling_rate=16000, return_tensors="pt", return_attention_mask=True)
+        with torch.no_grad():
+            expected = windowed.encoder.tower(ref.input_features).last_hidden_state[0]
+        torch.testing.assert_close(hidden[i], expected, rtol=1e-3, atol=1e-3)
+        tokens = GlmAsrProcessor._get_audio_token_length(None, ref.attention_mask.sum(-1))
+        assert int(num_audio[i]) == int(tokens[0])
+
+
 def test_generate_returns_one_string_per_clip(model: ASRModel) -> None:
     audio, lengths = audio_batch((0.7, 0.4, 0.9))
     out = model.generate(audio, lengths, max_new_tokens=3)
@@ -217,3 +241,16 @@ def test_compiled_parts_give_the_eager_loss_and_gradients(tiny_model_dirs: tuple
         for a, b in zip(grads, eager_grads, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     assert set(model.projector.state_dict()) == keys  # checkpoints keep their keys
+
+
+def test_compare_padding_prints_the_similarity_of_both_ways() -> None:
+    from tiny_audio.diagnostics import compare_padding
+
+    cfg = load_config("tiny", ["data.num_workers=1"])
+    result = compare_padding(cfg, samples=5, token=None, device=torch.device("cpu"))
+    assert len(result.similarities) == len(result.seconds) == 5
+    assert all(-1.0 <= c <= 1.0 + 1e-6 for c in result.similarities)
+    # the random miniature encoder is not indifferent to 30 s of unmasked padding
+    assert min(result.similarities) < 0.999
+    assert result.window_s > 0 and result.batch_s > 0
+    assert "5 clips: cosine mean" in result.render()

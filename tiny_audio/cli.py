@@ -218,5 +218,26 @@ def transcribe(model_ref: str, audio_files: tuple[Path, ...]) -> None:
         click.echo(f"{path}\t{text}")
 
 
+@app.command(name="compare-padding")
+@experiment_option
+@click.option("--samples", type=int, default=32, show_default=True, help="Held-out clips to encode both ways.")
+@overrides_argument
+@user_errors
+def compare_padding_command(experiment: str | None, samples: int, overrides: tuple[str, ...]) -> None:
+    """Encode EXP's held-out clips as the trainer does (batch padding, masked) and as GLM-ASR's processor does
+    (30 s windows, no mask); print the cosine similarity of the encoder's outputs and the time each way took."""
+    import torch
+
+    from tiny_audio.diagnostics import compare_padding
+
+    if samples < 1:
+        raise UserError(f"--samples must be at least 1 (got {samples})")
+    cfg = load_experiment(experiment, overrides)
+    token = os.environ.get("HF_TOKEN") or None
+    setup_logging(secrets=[token] if token else [])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    click.echo(compare_padding(cfg, samples=samples, token=token, device=device).render())
+
+
 def main() -> None:
     app(prog_name="tiny-audio")

@@ -46,6 +46,10 @@ class ModelConfig(Section):
     """Causal LM decoder (any AutoModelForCausalLM): Hub repo id, local directory or `asset://<name>`."""
     decoder_revision: str | None = None
     """Hub revision of the decoder."""
+    encoder_padding: Literal["batch", "window"] = "batch"
+    """How clips reach the encoder. batch: padded to the batch's longest clip, padding masked out (about 3x
+    cheaper on LoquaciousSet's lengths). window: every clip padded to the 30 s window with no mask, exactly as
+    GLM-ASR's own processor feeds its tower (`tiny-audio compare-padding` prints how far apart the two are)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel for encoder and decoder (flash_attention_2 needs a CUDA GPU and the flash-attn package)."""
     instruction: str = "Transcribe the audio."

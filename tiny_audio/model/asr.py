@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -103,8 +103,10 @@ class ASRModel(nn.Module):
         projector: nn.Module,
         decoder: PreTrainedModel,
         prompt: PromptBuilder,
+        encoder_padding: Literal["batch", "window"] = "batch",
     ) -> None:
         super().__init__()
+        self.encoder_padding = encoder_padding  # see ModelConfig.encoder_padding
         self.encoder = encoder
         self.feature_extractor = extractor  # its settings are saved with every checkpoint
         self.log_mel = LogMel(extractor=extractor)
@@ -138,9 +140,15 @@ class ASRModel(nn.Module):
         return self.project(hidden, enc_lengths)
 
     def features(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio [B, S] + lengths [B] -> log-mel [B, n_mels, T_mel] (padded only to the batch's longest clip)."""
-        with torch.no_grad():
-            return self.log_mel(audio, lengths)
+        """audio [B, S] + lengths [B] -> log-mel [B, n_mels, T_mel] + valid frames per clip [B].
+
+        `batch` padding: T_mel covers the batch's longest clip and padded frames are zero. `window`: every clip is
+        padded to 30 s and its log-mel taken over the whole window, as Whisper's feature extractor (GLM-ASR's
+        processor) does, so the padding carries the clip's silence floor instead of zeros.
+        """
+        if self.encoder_padding == "window":
+            return self.log_mel.windowed(audio, lengths)
+        return self.log_mel(audio, lengths)
 
     def encode_features(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log-mel [B, n_mels, T_mel] -> frozen encoder states [B, T_enc, C] + valid frames per clip [B]."""
@@ -148,7 +156,7 @@ class ASRModel(nn.Module):
         # gather the encoder's partitioned weights into ordinary tensors, which inference mode forbids, and
         # inference tensors could not be saved for backward by the projector without a copy.
         with torch.no_grad():
-            return self.encoder(features.to(self.encoder_dtype), frame_lengths)
+            return self.encoder(features.to(self.encoder_dtype), frame_lengths, mask=self.encoder_padding == "batch")
 
     def project(
         self, hidden: torch.Tensor, enc_lengths: torch.Tensor

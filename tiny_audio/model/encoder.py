@@ -49,7 +49,10 @@ class AudioEncoder(nn.Module):
     def output_lengths(frame_lengths: torch.Tensor) -> torch.Tensor:
         return torch.div(frame_lengths + 1, 2, rounding_mode="floor")
 
-    def forward(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, frame_lengths: torch.Tensor, *, mask: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mask=False: every frame attends to every other, padding included (as GLM-ASR's processor feeds it)."""
         lengths = self.output_lengths(frame_lengths)
         if self.kind == "whisper":
             n_frames = features.shape[-1]
@@ -58,7 +61,8 @@ class AudioEncoder(nn.Module):
             return hidden, lengths
         t_enc = (features.shape[-1] + 1) // 2
         valid = torch.arange(t_enc, device=features.device)[None, :] < lengths[:, None]  # [B, T_enc]
-        hidden = self.tower(features, attention_mask=self._attention_mask(valid, features.dtype)).last_hidden_state
+        attention_mask = self._attention_mask(valid, features.dtype) if mask else None
+        hidden = self.tower(features, attention_mask=attention_mask).last_hidden_state
         return hidden, lengths
 
     def _attention_mask(self, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from transformers import WhisperFeatureExtractor
 
+WINDOW_SECONDS = 30.0  # the window GLM-ASR's and Whisper's encoders were trained on
+
 
 class LogMel(nn.Module):
     """audio [B, S] (16 kHz, zero-padded) + lengths [B] -> features [B, n_mels, T] + frame lengths [B].
@@ -46,3 +48,13 @@ class LogMel(nn.Module):
         if log_spec.shape[-1] % 2:
             log_spec = nn.functional.pad(log_spec, (0, 1))
         return log_spec, frame_lengths
+
+    @torch.no_grad()
+    def windowed(self, audio: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As Whisper's feature extractor (GLM-ASR's processor) does it: every clip zero-padded to the 30 s window
+        and its log-mel taken over the whole window, so padded frames carry the clip's silence floor, not zeros.
+        Returns features [B, n_mels, 3000] and each clip's own frames [B]."""
+        window = int(WINDOW_SECONDS * self.sampling_rate)
+        audio = nn.functional.pad(audio, (0, window - audio.shape[-1]))
+        features, _ = self(audio, torch.full_like(lengths, window))
+        return features, torch.div(lengths, self.hop_length, rounding_mode="floor").clamp(min=1)

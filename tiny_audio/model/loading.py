@@ -81,7 +81,14 @@ def build_model(
         target_rms=embedding_rms(decoder),
     )
     prompt = PromptBuilder(tokenizer=tokenizer, instruction=m.instruction, audio_token=m.audio_token)
-    model = ASRModel(encoder=encoder, extractor=extractor, projector=projector, decoder=decoder, prompt=prompt)
+    model = ASRModel(
+        encoder=encoder,
+        extractor=extractor,
+        projector=projector,
+        decoder=decoder,
+        prompt=prompt,
+        encoder_padding=m.encoder_padding,
+    )
     return model.to(device)
 
 
