@@ -9,7 +9,7 @@ EXP ?= mini
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 
-.PHONY: help setup constraints train cliff check test test-all lint format bench bench-data clean build-image run-image push-image
+.PHONY: help setup constraints train check test test-all lint format bench bench-data clean build-image run-image push-image
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -33,10 +33,6 @@ setup: $(VENV)/.installed  ## create .venv and install the project with its dev 
 
 train: setup  ## train EXP (default mini: offline on CPU, WER falls in minutes) as the image does: one process per GPU (ARGS=overrides)
 	EXP=$(EXP) PYTHON=$(abspath $(BIN)/python) docker/start.sh train $(ARGS)
-
-cliff: setup  ## the miniature run whose loss sits flat, then drops late and sharply (~12 min on 2 CPU cores)
-	test -f tiny_audio/assets/cliff/data/eval-00000-of-00001.parquet || $(BIN)/python -m tiny_audio.assets.build cliff-data
-	$(MAKE) train EXP=cliff ARGS="$(ARGS)"
 
 check: setup  ## validate EXP's config and environment, download nothing
 	EXP=$(EXP) $(BIN)/python entrypoint.py check

@@ -24,13 +24,14 @@ from transformers import (
 )
 
 from tests.ci import require_tools
-from tiny_audio.assets import ASSETS_DIR, corpus, resolve_asset
-from tiny_audio.assets.build import INSTRUCTION, TINY_EVAL, TINY_SEED, TINY_TRAIN, build_tiny, tiny_sentences
-from tiny_audio.assets.mini_build import MINI_EVAL, MINI_TRAIN, MINI_VOCAB, mini_sentences
-from tiny_audio.assets.models import TOWER_KEY_MAPPING
-from tiny_audio.assets.tokenizer import train_tokenizer
+from tiny_audio.assets import ASSETS_DIR, resolve_asset
 from tiny_audio.config import ModelConfig
 from tiny_audio.errors import UserError
+from tools.miniatures import corpus
+from tools.miniatures.build import INSTRUCTION, TINY_EVAL, TINY_SEED, TINY_TRAIN, build_tiny, tiny_sentences
+from tools.miniatures.mini import MINI_EVAL, MINI_TRAIN, MINI_VOCAB, mini_sentences
+from tools.miniatures.models import TOWER_KEY_MAPPING
+from tools.miniatures.tokenizer import train_tokenizer
 
 ASSET_SETS = ["tiny", "mini"]
 # (train rows, eval rows, max corpus MB) per asset set.
@@ -173,9 +174,9 @@ def test_tiny_corpus_audio_rebuilds_from_the_seed() -> None:
 
 
 def test_align_stage_trains_the_saved_tower_through_the_trainers_model(tmp_path: Path) -> None:
-    from tiny_audio.assets.align_encoder import align_encoder
-    from tiny_audio.assets.mini_build import read_split
-    from tiny_audio.assets.models import load_tower
+    from tools.miniatures.align_encoder import align_encoder
+    from tools.miniatures.mini import read_split
+    from tools.miniatures.models import load_tower
 
     encoder_dir = tmp_path / "encoder"
     shutil.copytree(ASSETS_DIR / "tiny" / "encoder", encoder_dir)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tiny_audio.assets.plot_run import parse_log
 from tiny_audio.config import load_config
 from tiny_audio.inference import evaluate_checkpoint, transcribe_files
+from tiny_audio.plot import parse_log
 from tiny_audio.train import train
 
 # Held-out word error rate the run must reach: measured 5.9% (600 steps); with the trainer broken on purpose
@@ -70,7 +70,7 @@ Eval step 40 | Loss: 0.250 | WER: 12.5%
 
 
 def test_plot_run_reads_a_console_log_and_metrics_jsonl(tmp_path: Path) -> None:
-    from tiny_audio.assets.plot_run import main, parse_metrics_jsonl
+    from tiny_audio.plot import main, parse_metrics_jsonl
 
     curves = parse_log(LOG)
     assert curves.train == [(10, 6.1), (20, 5.1)]  # a step logged twice (resume) keeps the last value

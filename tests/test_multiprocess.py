@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tiny_audio.assets.plot_run import read_run
+from tiny_audio.plot import read_run
 
 pytestmark = pytest.mark.slow  # every test starts 2-3 processes of the trainer
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from hub_server import Commit, HubServer, Repo
 
-from tiny_audio.assets.plot_run import read_run
 from tiny_audio.checkpoint import MANIFEST, PROJECTOR_FILE, RESUME_DIR
+from tiny_audio.plot import read_run
 from tiny_audio.signals import EXIT_STOPPED
 
 # Every test here starts the trainer (~15 s of imports and model loading each on 2 cores): CI runs them.

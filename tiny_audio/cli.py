@@ -239,5 +239,15 @@ def compare_padding_command(experiment: str | None, samples: int, overrides: tup
     click.echo(compare_padding(cfg, samples=samples, token=token, device=device).render())
 
 
+def _plot_command() -> click.Command:
+    from tiny_audio.plot import main as plot
+
+    plot.help = "Plot a run's training loss and held-out WER from its log or metrics.jsonl (needs matplotlib)."
+    return plot
+
+
+app.add_command(_plot_command(), name="plot")
+
+
 def main() -> None:
     app(prog_name="tiny-audio")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from tiny_audio.assets import ASSETS_DIR
 from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.config import Config, SourceConfig
 from tiny_audio.errors import UserError
@@ -187,9 +186,7 @@ def check_source(report: Report, source: SourceConfig, *, token: str | None) -> 
     local = [f for f in source.data_files or [] if "://" not in f]
     for pattern in local:
         if not glob.glob(pattern):
-            built = Path(pattern).is_relative_to(ASSETS_DIR / "cliff")  # the `cliff` speech is built on demand
-            hint = ": `make cliff` (or `python -m tiny_audio.assets.build cliff-data`) builds it" if built else ""
-            report.problems.append(f"data file pattern {pattern} matches no file{hint}")
+            report.problems.append(f"data file pattern {pattern} matches no file")
     if source.data_files or Path(source.path).is_dir():
         return
     check_remote(report, source.path, kind="dataset", token=token, must_exist=True)

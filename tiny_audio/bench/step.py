@@ -43,13 +43,14 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from tiny_audio.assets import grammar, resolve_asset
+from tiny_audio.assets import resolve_asset
 from tiny_audio.config import ProjectorConfig
 from tiny_audio.data.batching import Batch, bucket, collate
 from tiny_audio.model.asr import IGNORE, LOSS_CHUNK, ASRModel, LinearCrossEntropy, PromptBuilder
 from tiny_audio.model.encoder import AudioEncoder
 from tiny_audio.model.loading import embedding_rms, load_tokenizer
 from tiny_audio.model.projectors import build_projector
+from tools.miniatures import grammar
 
 SAMPLE_RATE = 16_000
 MAX_SECONDS = 30.0

@@ -1,6 +1,6 @@
 """The `mini` assets: PRETRAINED miniature models a projector can learn real ASR between, on CPU in minutes.
 
-Built by `python -m tiny_audio.assets.build mini` (run it with `nice -n 10` on a shared machine):
+Built by `python -m tools.miniatures.build mini` (run it with `nice -n 10` on a shared machine):
 - corpus: 3,000 train + 200 held-out eval espeak-ng utterances (no eval sentence in train), OGG/Opus ~11 kbps;
 - tokenizer: byte-level BPE (768) on the train sentences;
 - decoder: Qwen3 (d 128, 2 layers) pretrained on copy + language-model examples in the trainer's prompt;
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen3ForCausalLM
 
-from tiny_audio.assets import corpus, grammar, models
-from tiny_audio.assets.align_encoder import align_encoder, held_out_wer
-from tiny_audio.assets.pretrain_decoder import copy_accuracy, pretrain_decoder
-from tiny_audio.assets.pretrain_encoder import greedy_transcripts, pretrain_encoder
-from tiny_audio.assets.tokenizer import INSTRUCTION, train_tokenizer
+from tools.miniatures import corpus, grammar, models
+from tools.miniatures.align_encoder import align_encoder, held_out_wer
+from tools.miniatures.pretrain_decoder import copy_accuracy, pretrain_decoder
+from tools.miniatures.pretrain_encoder import greedy_transcripts, pretrain_encoder
+from tools.miniatures.tokenizer import INSTRUCTION, train_tokenizer
 
 MINI_SEED = 1
 MINI_TRAIN, MINI_EVAL = 3000, 200

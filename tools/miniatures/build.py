@@ -1,4 +1,4 @@
-"""Regenerate the shipped assets: `python -m tiny_audio.assets.build [tiny|mini|cliff|cliff-data|all] [--no-corpus]`.
+"""Regenerate the shipped assets: `python -m tools.miniatures.build [tiny|mini|cliff|cliff-data|all] [--no-corpus]`.
 
 tiny (~15 s): 400 + 40 espeak-ng utterances, a byte-level BPE tokenizer, RANDOM miniature encoder and decoder.
 mini (see tiny_audio/assets/mini_build.py for its timing): a larger corpus and PRETRAINED miniature models.
@@ -20,8 +20,9 @@ from pathlib import Path
 import click
 import transformers
 
-from tiny_audio.assets import ASSETS_DIR, corpus, grammar, models
-from tiny_audio.assets.tokenizer import INSTRUCTION, train_tokenizer
+from tiny_audio.assets import ASSETS_DIR
+from tools.miniatures import corpus, grammar, models
+from tools.miniatures.tokenizer import INSTRUCTION, train_tokenizer
 
 TINY_SEED = 0
 TINY_TRAIN, TINY_EVAL = 400, 40
@@ -60,7 +61,7 @@ def build_tiny(*, out_dir: Path, with_corpus: bool = True) -> dict[str, float]:
 
 
 @click.command()
-@click.argument("which", type=click.Choice(["tiny", "mini", "cliff", "cliff-data", "all"]), default="tiny")
+@click.argument("which", type=click.Choice(["tiny", "mini", "all"]), default="tiny")
 @click.option("--no-corpus", is_flag=True, help="Keep the shipped speech corpus; rebuild tokenizer and models.")
 def main(which: str, no_corpus: bool) -> None:
     """Regenerate the shipped miniature assets under tiny_audio/assets/."""
@@ -69,23 +70,12 @@ def main(which: str, no_corpus: bool) -> None:
     transformers.utils.logging.set_verbosity_error()  # the alignment stage loads only the tower, as expected
     builders = {"tiny": build_tiny}
     if which in ("mini", "all"):
-        from tiny_audio.assets.mini_build import build_mini
+        from tools.miniatures.mini import build_mini
 
         builders["mini"] = build_mini
-    if which in ("cliff", "cliff-data", "all"):
-        from tiny_audio.assets.cliff_build import build_cliff_data, build_cliff_decoder
-
-        def cliff(*, out_dir: Path, with_corpus: bool) -> dict[str, float]:
-            build_cliff_decoder(src_dir=ASSETS_DIR / "mini" / "decoder", out_dir=out_dir / "decoder")
-            return {"model_megabytes": sum(f.stat().st_size for f in (out_dir / "decoder").iterdir()) / 1e6}
-
-        def cliff_data(*, out_dir: Path, with_corpus: bool) -> dict[str, float]:
-            return build_cliff_data(src_dir=ASSETS_DIR / "mini" / "data", out_dir=out_dir / "data")
-
-        builders |= {"cliff": cliff, "cliff-data": cliff_data}
-    for name in ("tiny", "mini", "cliff") if which == "all" else (which,):
+    for name in ("tiny", "mini") if which == "all" else (which,):
         start = time.perf_counter()
-        out_dir = ASSETS_DIR / name.removesuffix("-data")
+        out_dir = ASSETS_DIR / name
         figures = builders[name](out_dir=out_dir, with_corpus=not no_corpus)
         figures["build_seconds"] = round(time.perf_counter() - start, 1)
         click.echo(f"{name}: {json.dumps({k: round(v, 2) for k, v in figures.items()})}")

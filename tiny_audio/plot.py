@@ -1,7 +1,7 @@
 """Plot a run's training loss and held-out WER against step, from its console log or OUTPUT_DIR/metrics.jsonl.
 
     tiny-audio ... 2>&1 | tee run.log
-    python -m tiny_audio.assets.plot_run run.log --out run.png [--title "mini run"]
+    tiny-audio plot run.log --out run.png [--title "mini run"]
 
 A console log holds the trainer's lines `Step 40/300 | Loss: 2.31 | ...` and `Eval step 100 | Loss: 1.902 |
 WER: 35.0%`; a `.jsonl` file holds one JSON record per logged step (`step`, `train/loss`, `eval/loss`,
@@ -107,7 +107,7 @@ def plot(curves: RunCurves, out: Path, *, title: str) -> None:
     plt.close(fig)
 
 
-@click.command()
+@click.command(name="plot")
 @click.argument("log_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))  # or metrics.jsonl
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("run.png"), show_default=True)
 @click.option("--title", default="tiny-audio run", show_default=True)
