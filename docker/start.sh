@@ -30,8 +30,9 @@ case "${1:-}" in
   *) ;;  # no command, or overrides only: train
 esac
 
-# Validate EXP, its overrides, ON_FINISH and the GPUs before launching anything: a mistake ends here in one line
-# (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS".
+# Validate EXP, its overrides, ON_FINISH and the GPUs before launching anything: a mistake ends here
+# in one line (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS"; on RunPod
+# ON_FINISH defaults to stop when the pod can stop itself, and a line on stderr says whether the pod will.
 plan="$("$PYTHON" -m tiny_audio.runpod plan "$@")"
 read -r on_finish gpus <<< "$plan"
 
@@ -111,11 +112,14 @@ case "$on_finish" in
     exec sleep infinity
     ;;
   stop | terminate)
-    if ! "$PYTHON" -m tiny_audio.runpod finish; then
-      # Exiting would let RunPod restart the container; sleeping keeps the pod, and the error, visible.
-      log "could not $on_finish the pod; sleeping instead"
+    # Exiting would let RunPod restart the container; on a failed call sleeping keeps the pod, and the error,
+    # visible. `finish` says why in one line (exit 2); anything else (a crash) is said here.
+    finished=0
+    "$PYTHON" -m tiny_audio.runpod finish || finished=$?
+    if (( finished != 0 && finished != 2 )); then
+      log "could not $on_finish the pod (exit code $finished); sleeping instead of exiting, so RunPod does not restart the container"
     fi
-    exec sleep infinity  # RunPod stops the container shortly
+    exec sleep infinity  # after a stop, RunPod ends the container shortly
     ;;
 esac
 exit "$status"

@@ -1,97 +1,128 @@
-"""tiny_audio.runpod against a local HTTP server that answers like RunPod's REST API (and fails on demand)."""
+"""tiny_audio.runpod and docker/start.sh's end of a run against a local stand-in for RunPod's REST API v2
+(tests/runpod_server.py): stop and terminate, the price, retries, one-line failures that leave the container
+sleeping, and ON_FINISH's default on RunPod."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from tests.runpod_server import RunPodV2, serve_runpod_v2
 from tiny_audio import runpod
 from tiny_audio.errors import UserError
+from tiny_audio.retry import RetryPolicy
 
-
-@dataclass
-class FakeRunPod:
-    """Records every request; answers with the queued status codes first, then 200."""
-
-    url: str
-    requests: list[dict[str, str]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
+ROOT = Path(__file__).resolve().parent.parent
+START = ROOT / "docker" / "start.sh"
+NO_WAIT = RetryPolicy(attempts=4, initial_s=0.0, max_s=0.0)
+KEY = "rp_key"
 
 
 @pytest.fixture
-def api() -> Iterator[FakeRunPod]:
-    state: FakeRunPod
-
-    class Handler(BaseHTTPRequestHandler):
-        def _answer(self) -> None:
-            state.requests.append(
-                {"method": self.command, "path": self.path, "authorization": self.headers.get("Authorization", "")}
-            )
-            status = state.statuses.pop(0) if state.statuses else 200
-            body = json.dumps({"id": self.path.split("/")[2], "desiredStatus": "EXITED"} if status == 200 else {})
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        do_POST = _answer
-        do_DELETE = _answer
-
-        def log_message(self, *args: object) -> None:  # keep pytest's output clean
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state = FakeRunPod(url=f"http://127.0.0.1:{server.server_address[1]}/v1")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
+def api() -> Iterator[RunPodV2]:
+    with serve_runpod_v2() as state:
+        state.add_pod("pod123", cost=0.44)
+        yield state
 
 
-def test_stop_posts_pod_id_with_bearer_key(api: FakeRunPod) -> None:
-    runpod.stop_pod(pod_id="pod123", api_key="rp_key", api_url=api.url, wait_s=0)
-    assert api.requests == [{"method": "POST", "path": "/v1/pods/pod123/stop", "authorization": "Bearer rp_key"}]
+# --- the v2 calls -----------------------------------------------------------------------------------------
 
 
-def test_terminate_deletes_the_pod(api: FakeRunPod) -> None:
-    runpod.terminate_pod(pod_id="pod123", api_key="rp_key", api_url=api.url, wait_s=0)
-    assert api.requests == [{"method": "DELETE", "path": "/v1/pods/pod123", "authorization": "Bearer rp_key"}]
+def test_stop_posts_the_stop_action_to_v2(api: RunPodV2) -> None:
+    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    (call,) = api.calls
+    assert (call.method, call.path, call.authorization) == ("POST", "/v2/pods/pod123/action", f"Bearer {KEY}")
+    assert call.body == {"action": "stop"}
+    assert api.pods["pod123"]["status"] == "EXITED"
 
 
-def test_rate_limits_and_server_errors_are_retried(api: FakeRunPod) -> None:
-    api.statuses = [503, 429, 500]
-    runpod.stop_pod(pod_id="p", api_key="k", api_url=api.url, attempts=4, wait_s=0)
-    assert len(api.requests) == 4
+def test_terminate_deletes_the_pod(api: RunPodV2) -> None:
+    runpod.terminate_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    assert [(c.method, c.path, c.body) for c in api.calls] == [
+        ("POST", "/v2/pods/pod123/action", {"action": "terminate"})
+    ]
+    assert "pod123" not in api.pods
 
 
-def test_gives_up_after_the_attempts(api: FakeRunPod) -> None:
-    api.statuses = [502] * 5
-    with pytest.raises(runpod.RunPodError, match="502"):
-        runpod.stop_pod(pod_id="p", api_key="k", api_url=api.url, attempts=3, wait_s=0)
-    assert len(api.requests) == 3
+def test_the_price_is_the_pods_cost_per_hour(api: RunPodV2) -> None:
+    assert runpod.pod_price(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT) == 0.44
+    assert [(c.method, c.path) for c in api.calls] == [("GET", "/v2/pods/pod123")]
 
 
-def test_a_bad_key_is_not_retried_and_says_which_variable(api: FakeRunPod) -> None:
-    api.statuses = [401]
-    with pytest.raises(runpod.RunPodError, match=r"401.*RUNPOD_API_KEY") as raised:
-        runpod.terminate_pod(pod_id="p", api_key="secret-key", api_url=api.url, wait_s=0)
-    assert len(api.requests) == 1
-    assert "secret-key" not in str(raised.value)
+def test_rate_limits_and_server_errors_are_retried(api: RunPodV2) -> None:
+    api.fail(503, 429, 500, retry_after="0")
+    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    assert len(api.calls) == 4 and api.pods["pod123"]["status"] == "EXITED"
+
+
+def test_the_wait_a_429_asks_for_is_honoured(api: RunPodV2) -> None:
+    import time
+
+    api.fail(429, retry_after="1")
+    started = time.monotonic()
+    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, initial_s=0.0, max_s=5.0))
+    assert time.monotonic() - started >= 1.0 and len(api.calls) == 2
+
+
+def test_gives_up_after_the_attempts_with_the_servers_problem(api: RunPodV2) -> None:
+    api.fail(502, 502, 502, 502)
+    with pytest.raises(runpod.RunPodError, match=r"502 Bad Gateway after 3 attempts: injected failure") as raised:
+        runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, 0.0, 0.0))
+    assert len(api.calls) == 3 and "\n" not in str(raised.value)
+
+
+def test_a_bad_key_is_not_retried_and_says_which_variable(api: RunPodV2) -> None:
+    with pytest.raises(runpod.RunPodError, match=r"401 Unauthorized \(check RUNPOD_API_KEY\): invalid bearer"):
+        runpod.stop_pod(pod_id="pod123", api_key="secret-key", api_url=api.url, retry=NO_WAIT)
+    assert len(api.calls) == 1 and api.pods["pod123"]["status"] == "RUNNING"
+
+
+def test_an_unknown_pod_is_not_retried_and_says_which_variable(api: RunPodV2) -> None:
+    with pytest.raises(runpod.RunPodError, match=r"404 Not Found \(check RUNPOD_POD_ID.*\): pod not found"):
+        runpod.terminate_pod(pod_id="nope", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    assert len(api.calls) == 1
+
+
+def test_an_unknown_body_field_is_rejected_by_name(api: RunPodV2) -> None:
+    """v2 rejects what v1 ignored: a body with a field the schema lacks is a 422 naming it, not a stop."""
+    url = f"{api.url}/pods/pod123/action"
+    with pytest.raises(runpod.RunPodError, match=r"422 .*additional properties 'force' not allowed"):
+        runpod.request("POST", url, api_key=KEY, body={"action": "stop", "force": True}, retry=NO_WAIT)
+    with pytest.raises(runpod.RunPodError, match=r"422 .*value must be one of"):
+        runpod.request("POST", url, api_key=KEY, body={"action": "reset"}, retry=NO_WAIT)  # a v1-only verb
+    assert len(api.calls) == 2 and api.pods["pod123"]["status"] == "RUNNING"
+
+
+def test_the_v1_calls_fail_against_v2(api: RunPodV2) -> None:
+    """What the container sent before (v1: `POST /pods/{id}/stop`, no body) is a 404 now, on either base."""
+    for url in (f"{api.url}/pods/pod123/stop", api.url.replace("/v2", "/v1") + "/pods/pod123/stop"):
+        with pytest.raises(runpod.RunPodError, match="404 Not Found"):
+            runpod.request("POST", url, api_key=KEY, retry=NO_WAIT)
+    assert api.pods["pod123"]["status"] == "RUNNING"
+    with pytest.raises(UserError, match="REST API v1, which RunPod has retired: unset RUNPOD_API_URL"):
+        runpod.api_url_from_env({"RUNPOD_API_URL": "https://rest.runpod.io/v1"})
+    assert runpod.api_url_from_env({}) == "https://api.runpod.io/v2"
+
+
+def test_an_action_the_pods_status_forbids_is_said(api: RunPodV2) -> None:
+    api.add_pod("stopped", status="EXITED")
+    with pytest.raises(runpod.RunPodError, match="409 Conflict: cannot stop a pod that is EXITED"):
+        runpod.stop_pod(pod_id="stopped", api_key=KEY, api_url=api.url, retry=NO_WAIT)
 
 
 def test_unreachable_api_is_retried_then_reported() -> None:
     with pytest.raises(runpod.RunPodError, match="unreachable after 2 attempts"):
-        runpod.stop_pod(pod_id="p", api_key="k", api_url="http://127.0.0.1:9", attempts=2, wait_s=0, timeout_s=2)
+        runpod.stop_pod(pod_id="p", api_key="k", api_url="http://127.0.0.1:9/v2", retry=RetryPolicy(2, 0.0, 0.0))
+
+
+# --- ON_FINISH: settings and the default on RunPod --------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -100,6 +131,7 @@ def test_unreachable_api_is_retried_then_reported() -> None:
         ({"ON_FINISH": "reboot"}, "not one of exit, sleep, stop, terminate"),
         ({"ON_FINISH": "stop", "RUNPOD_API_KEY": "k"}, "needs RUNPOD_POD_ID"),
         ({"ON_FINISH": "terminate", "RUNPOD_POD_ID": "p"}, "needs RUNPOD_API_KEY"),
+        ({"RUNPOD_API_URL": "https://rest.runpod.io/v1/"}, "retired"),
     ],
 )
 def test_wrong_settings_fail_before_training(env: dict[str, str], message: str) -> None:
@@ -107,21 +139,30 @@ def test_wrong_settings_fail_before_training(env: dict[str, str], message: str) 
         runpod.finish_action_from_env(env)
 
 
-def test_settings_from_env() -> None:
-    assert runpod.finish_action_from_env({}).action == "exit"
+@pytest.mark.parametrize(
+    ("env", "action", "explicit"),
+    [
+        ({}, "exit", False),  # not on RunPod
+        ({"RUNPOD_POD_ID": "p"}, "exit", False),  # on RunPod, but the pod cannot stop itself
+        ({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k"}, "stop", False),  # the default on RunPod
+        ({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k", "ON_FINISH": "exit"}, "exit", True),  # an explicit one wins
+        ({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k", "ON_FINISH": "Sleep"}, "sleep", True),
+        ({"RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "k", "ON_FINISH": "terminate"}, "terminate", True),
+    ],
+)
+def test_on_finish_defaults_to_stop_where_the_pod_can_stop_itself(
+    env: dict[str, str], action: str, explicit: bool
+) -> None:
+    found = runpod.finish_action_from_env(env)
+    assert (found.action, found.explicit) == (action, explicit)
+
+
+def test_settings_from_env_keep_the_key_out_of_logs() -> None:
     action = runpod.finish_action_from_env(
-        {"ON_FINISH": "Stop", "RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "rpa_SECRET", "RUNPOD_API_URL": "http://h/v1/"}
+        {"ON_FINISH": "Stop", "RUNPOD_POD_ID": "p", "RUNPOD_API_KEY": "rpa_SECRET", "RUNPOD_API_URL": "http://h/v2/"}
     )
-    assert (action.action, action.pod_id, action.api_url) == ("stop", "p", "http://h/v1")
-    assert action.api_key == "rpa_SECRET" and "rpa_SECRET" not in repr(action)  # the key stays out of logs
-
-
-def test_finish_command_stops_the_pod(api: FakeRunPod) -> None:
-    env = {"ON_FINISH": "stop", "RUNPOD_POD_ID": "abc", "RUNPOD_API_KEY": "k2", "RUNPOD_API_URL": api.url}
-    command = [sys.executable, "-m", "tiny_audio.runpod", "finish"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert api.requests == [{"method": "POST", "path": "/v1/pods/abc/stop", "authorization": "Bearer k2"}]
+    assert (action.action, action.pod_id, action.api_url) == ("stop", "p", "http://h/v2")
+    assert action.api_key == "rpa_SECRET" and "rpa_SECRET" not in repr(action)
 
 
 def _plan(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -132,7 +173,20 @@ def _plan(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 def test_plan_prints_on_finish_and_gpus() -> None:
     done = _plan("training.max_steps=3", EXP="mlp", NUM_GPUS="2", ON_FINISH="sleep")
-    assert (done.returncode, done.stdout) == (0, "sleep 2\n"), done.stderr
+    assert (done.returncode, done.stdout, done.stderr) == (0, "sleep 2\n", "")
+
+
+def test_plan_says_in_one_line_whether_the_pod_stops_billing() -> None:
+    can = _plan(EXP="mlp", NUM_GPUS="1", RUNPOD_POD_ID="p", RUNPOD_API_KEY="k")
+    assert (can.returncode, can.stdout) == (0, "stop 1\n"), can.stderr
+    assert can.stderr.count("\n") == 1 and "the pod stops itself when training ends" in can.stderr
+    cannot = _plan(EXP="mlp", NUM_GPUS="1", RUNPOD_POD_ID="p")
+    assert (cannot.returncode, cannot.stdout) == (0, "exit 1\n"), cannot.stderr
+    assert cannot.stderr.count("\n") == 1 and "keeps billing after training ends" in cannot.stderr
+    assert "(RUNPOD_API_KEY is not set); set RUNPOD_API_KEY" in cannot.stderr
+    chosen = _plan(EXP="mlp", NUM_GPUS="1", RUNPOD_POD_ID="p", RUNPOD_API_KEY="k", ON_FINISH="sleep")
+    assert chosen.stdout == "sleep 1\n" and "keeps billing after training ends (ON_FINISH=sleep)" in chosen.stderr
+    assert _plan(EXP="mlp", NUM_GPUS="1").stderr == ""  # not on RunPod: nothing to say
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "mini"])
@@ -169,6 +223,98 @@ def test_plan_mistakes_end_in_one_line_and_exit_2(args: tuple[str, ...], env: di
 
 def test_plan_allows_cpu_when_asked() -> None:
     assert _plan(EXP="mlp", NUM_GPUS="0", ALLOW_CPU="1").stdout == "exit 0\n"
+
+
+# --- the end of a run in docker/start.sh ------------------------------------------------------------------
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def shims(tmp_path: Path) -> Path:
+    """A `sleep` that says it was called and returns (start.sh's `exec sleep infinity` would never end), and a
+    `python` that stands in for the trainer only (`python .../entrypoint.py ...` exits with TRAINER_EXIT);
+    everything else it runs with the real interpreter, so `plan` and `finish` are the real ones."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _executable(bin_dir / "sleep", '#!/usr/bin/env bash\necho "container sleeps: sleep $*"\n')
+    _executable(
+        bin_dir / "python",
+        "#!/usr/bin/env bash\n"
+        'if [[ "${1:-}" == */entrypoint.py ]]; then echo "trainer: $*"; exit "${TRAINER_EXIT:-0}"; fi\n'
+        f'exec {sys.executable} "$@"\n',
+    )
+    return bin_dir
+
+
+def _start(shims: Path, *args: str, python: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {
+        "PATH": f"{shims}:{os.environ['PATH']}",
+        "PYTHON": python or str(shims / "python"),
+        "EXP": "tiny",
+        "NUM_GPUS": "0",
+        "HOME": os.environ.get("HOME", "/tmp"),
+    }
+    return subprocess.run(
+        ["bash", str(START), *args], env={**base, **env}, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+
+
+def _on_runpod(api: RunPodV2, **env: str) -> dict[str, str]:
+    return {"RUNPOD_POD_ID": "pod123", "RUNPOD_API_KEY": KEY, "RUNPOD_API_URL": api.url, **env}
+
+
+@pytest.mark.parametrize("trainer_exit", ["0", "1"])
+def test_a_pod_that_can_stop_itself_stops_when_training_ends(api: RunPodV2, shims: Path, trainer_exit: str) -> None:
+    """Done or crashed, the default on RunPod is to stop the pod: an hour of idle GPU costs as much as a trained one."""
+    done = _start(shims, **_on_runpod(api, TRAINER_EXIT=trainer_exit))
+    assert "trainer: " in done.stdout and "container sleeps: sleep infinity" in done.stdout, done.stderr
+    assert f"training ended with exit code {trainer_exit}; ON_FINISH=stop" in done.stderr
+    assert [(c.method, c.path, c.body) for c in api.calls] == [("POST", "/v2/pods/pod123/action", {"action": "stop"})]
+    assert api.pods["pod123"]["status"] == "EXITED" and "error" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RUNPOD_API_KEY": "wrong"}, "401 Unauthorized (check RUNPOD_API_KEY): invalid bearer token"),
+        ({"RUNPOD_POD_ID": "gone"}, "404 Not Found (check RUNPOD_POD_ID and RUNPOD_API_URL): pod not found"),
+    ],
+    ids=["bad-key", "unknown-pod"],
+)
+def test_a_failed_stop_leaves_the_container_sleeping_with_one_line(
+    api: RunPodV2, shims: Path, env: dict[str, str], expected: str
+) -> None:
+    done = _start(shims, **_on_runpod(api, ON_FINISH="stop", **env))
+    assert done.stdout.endswith("container sleeps: sleep infinity\n"), done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and expected in errors[0], done.stderr
+    assert "sleeping instead of exiting, so RunPod does not restart the container" in errors[0]
+    assert "Traceback" not in done.stderr and "wrong" not in errors[0]  # neither a traceback nor the key
+    assert len(api.calls) == 1  # a mistake is not retried
+
+
+def test_a_stop_through_rate_limits_and_outages(api: RunPodV2, shims: Path) -> None:
+    api.fail(429, 503, retry_after="0")
+    done = _start(shims, **_on_runpod(api))
+    assert api.pods["pod123"]["status"] == "EXITED", done.stderr
+    assert done.stderr.count("failed (HTTP 4") == 1 and done.stderr.count("failed (HTTP 5") == 1
+    assert len(api.calls) == 3 and "container sleeps" in done.stdout
+
+
+def test_a_pod_that_cannot_stop_itself_says_so_at_start(api: RunPodV2, shims: Path) -> None:
+    done = _start(shims, RUNPOD_POD_ID="pod123", TRAINER_EXIT="0")
+    assert done.returncode == 0 and "container sleeps" not in done.stdout, done.stderr
+    billing = [line for line in done.stderr.splitlines() if "billing" in line]
+    assert len(billing) == 1 and "keeps billing after training ends" in billing[0]
+    assert api.calls == []
+
+
+# --- a finished run ---------------------------------------------------------------------------------------
 
 
 def _checkpoint(root: Path, name: str, state: dict[str, object]) -> None:

@@ -1,14 +1,18 @@
 """The container's life around training: what start.sh checks before launching, what happens when training
-ends (ON_FINISH), and whether a run has already finished.
+ends (ON_FINISH), whether a run has already finished, and every call to RunPod's API.
 
 ON_FINISH, read by docker/start.sh:
-  exit       the container exits with the trainer's exit code (default)
+  exit       the container exits with the trainer's exit code
   sleep      the container sleeps after training, so the pod stays up for inspection
-  stop       RunPod stops the pod: GPU billing ends, the volume is kept (needs RUNPOD_API_KEY)
-  terminate  RunPod deletes the pod and its container disk (needs RUNPOD_API_KEY)
+  stop       RunPod stops the pod: GPU billing ends, the volume is kept
+  terminate  RunPod deletes the pod and its container disk
+Unset, it is `stop` where the pod can stop itself (RUNPOD_POD_ID and RUNPOD_API_KEY are set, as RunPod does in
+every pod) and `exit` elsewhere: a finished pod left running bills by the hour for nothing. An explicit value wins.
 
-RunPod sets RUNPOD_POD_ID in every pod; the user supplies RUNPOD_API_KEY. RUNPOD_API_URL (default
-https://rest.runpod.io/v1, RunPod's REST API) lets tests point the calls at a local server.
+RunPod's REST API v2 (https://api.runpod.io/v2; v1 at rest.runpod.io/v1 is retired): `POST /pods/{id}/action`
+with `{"action": "stop" | "terminate"}` changes the pod's state, `GET /pods/{id}` gives the pod, whose `cost` is
+its price in USD per hour. Errors come as RFC 9457 problems (`title`, `status`, `detail`, `errors`); unknown body
+fields are rejected (422). RUNPOD_API_URL lets tests point the calls at a local server.
 
 A pod whose container exits is restarted by RunPod, so a restarted container must not train again: the trainer
 marks the last checkpoint `final: true` in its train state, and `finished_checkpoint` finds it.
@@ -19,31 +23,41 @@ finished CHECKPOINTS_DIR`.
 
 from __future__ import annotations
 
+import email.utils
 import json
+import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import click
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from tiny_audio.errors import UserError
+from tiny_audio.retry import RetryPolicy, describe, retry_call
 
 # Models shipped inside the package (tiny, mini) are miniatures made to train on CPU; an experiment using any
 # other model refuses a machine without GPU unless ALLOW_CPU=1.
 SHIPPED_MODEL_SCHEME = "asset://"
 
 OnFinish = Literal["exit", "sleep", "stop", "terminate"]
-DEFAULT_API_URL = "https://rest.runpod.io/v1"
+PodAction = Literal["stop", "terminate"]
+DEFAULT_API_URL = "https://api.runpod.io/v2"
+RETIRED_API_HOST = "rest.runpod.io"  # REST API v1, retired (docs.runpod.io/api-reference-v2/migrate-from-v1)
+# A stop at the end of a run is worth some patience (an hour of GPU is at stake), not a stalled container.
+API_RETRY = RetryPolicy(attempts=6, initial_s=2.0, max_s=30.0)
+API_TIMEOUT_S = 30.0
 TRAIN_STATE_FILE = "train_state.json"
 # = tiny_audio.checkpoint.RESUME_DIR, not imported: that module pulls in torch, and start.sh wants this fast.
 RESUME_DIR = "last-checkpoint"
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 class RunPodError(UserError):
@@ -58,24 +72,65 @@ class FinishAction:
     pod_id: str | None = None
     api_key: str | None = field(default=None, repr=False)  # never in a log line
     api_url: str = DEFAULT_API_URL
+    explicit: bool = False  # ON_FINISH was set (False: the default for this machine was taken)
+
+    @property
+    def on_runpod(self) -> bool:
+        return self.pod_id is not None
+
+
+def api_url_from_env(env: Mapping[str, str]) -> str:
+    """RUNPOD_API_URL (default RunPod's REST API v2); the retired v1 API is a mistake named in one line."""
+    url = (env.get("RUNPOD_API_URL") or DEFAULT_API_URL).rstrip("/")
+    if RETIRED_API_HOST in url:
+        raise UserError(
+            f"RUNPOD_API_URL={url} is RunPod's REST API v1, which RunPod has retired: unset RUNPOD_API_URL "
+            f"(the default is {DEFAULT_API_URL})"
+        )
+    return url
 
 
 def finish_action_from_env(env: Mapping[str, str] | None = None) -> FinishAction:
-    """Read ON_FINISH, RUNPOD_POD_ID, RUNPOD_API_KEY and RUNPOD_API_URL; raise `UserError` naming what is wrong."""
+    """Read ON_FINISH, RUNPOD_POD_ID, RUNPOD_API_KEY and RUNPOD_API_URL; raise `UserError` naming what is wrong.
+
+    Without ON_FINISH: `stop` when the pod can stop itself (its id and an API key are set), else `exit`.
+    """
     env = os.environ if env is None else env
-    action = env.get("ON_FINISH", "").strip().lower() or "exit"
+    pod_id = env.get("RUNPOD_POD_ID") or None
+    api_key = env.get("RUNPOD_API_KEY") or None
+    api_url = api_url_from_env(env)
+    given = env.get("ON_FINISH", "").strip().lower()
+    action = given or ("stop" if pod_id and api_key else "exit")
     choices = get_args(OnFinish)
     if action not in choices:
         raise UserError(f"ON_FINISH={env.get('ON_FINISH')!r} is not one of {', '.join(choices)}")
-    pod_id = env.get("RUNPOD_POD_ID") or None
-    api_key = env.get("RUNPOD_API_KEY") or None
-    api_url = (env.get("RUNPOD_API_URL") or DEFAULT_API_URL).rstrip("/")
     if action in ("stop", "terminate"):
         if not pod_id:
             raise UserError(f"ON_FINISH={action} needs RUNPOD_POD_ID (RunPod sets it inside a pod)")
         if not api_key:
             raise UserError(f"ON_FINISH={action} needs RUNPOD_API_KEY (a RunPod API key with write access to pods)")
-    return FinishAction(action=action, pod_id=pod_id, api_key=api_key, api_url=api_url)  # type: ignore[arg-type]
+    return FinishAction(
+        action=action,  # type: ignore[arg-type]
+        pod_id=pod_id,
+        api_key=api_key,
+        api_url=api_url,
+        explicit=bool(given),
+    )
+
+
+def billing_notice(action: FinishAction) -> str | None:
+    """The start-up line that says, on RunPod, whether the pod stops billing when training ends."""
+    if not action.on_runpod:
+        return None
+    if action.action in ("stop", "terminate"):
+        if action.explicit:
+            return None
+        return "on RunPod: the pod stops itself when training ends (ON_FINISH=stop; ON_FINISH=sleep keeps it up)"
+    if action.explicit:
+        why, fix = f"ON_FINISH={action.action}", "set ON_FINISH=stop to stop it then"
+    else:
+        why, fix = "RUNPOD_API_KEY is not set", "set RUNPOD_API_KEY (a key with write access to pods) to stop it then"
+    return f"on RunPod: this pod keeps billing after training ends ({why}); {fix}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +139,7 @@ class LaunchPlan:
 
     on_finish: OnFinish
     gpus: int
+    notice: str | None = None  # one line for the start-up log
 
 
 def visible_gpus(env: Mapping[str, str] | None = None) -> int:
@@ -119,73 +175,171 @@ def launch_plan(
             f"no GPU visible, and experiment {cfg.experiment} would take days on CPU: on RunPod pick a GPU pod, "
             "with docker run pass --gpus all; ALLOW_CPU=1 trains on CPU anyway"
         )
-    return LaunchPlan(on_finish=action.action, gpus=gpus)
+    return LaunchPlan(on_finish=action.action, gpus=gpus, notice=billing_notice(action))
 
 
-def stop_pod(
+# --- RunPod's REST API v2 -----------------------------------------------------------------------------------
+
+
+def pod_action(
     *,
     pod_id: str,
+    action: PodAction,
     api_key: str,
     api_url: str = DEFAULT_API_URL,
-    attempts: int = 5,
-    wait_s: float = 2.0,
-    timeout_s: float = 30.0,
+    retry: RetryPolicy = API_RETRY,
+    timeout_s: float = API_TIMEOUT_S,
 ) -> None:
-    """Stop the pod (`POST {api_url}/pods/{pod_id}/stop`): compute billing ends, the volume stays."""
-    _call(
-        "POST", f"{api_url}/pods/{pod_id}/stop", api_key=api_key, attempts=attempts, wait_s=wait_s, timeout_s=timeout_s
+    """`POST {api_url}/pods/{pod_id}/action {"action": ...}`: stop (compute billing ends, the volume stays) or
+    terminate (the pod and its container disk are deleted)."""
+    request(
+        "POST",
+        f"{api_url}/pods/{pod_id}/action",
+        body={"action": action},
+        api_key=api_key,
+        retry=retry,
+        timeout_s=timeout_s,
     )
 
 
-def terminate_pod(
-    *,
-    pod_id: str,
-    api_key: str,
-    api_url: str = DEFAULT_API_URL,
-    attempts: int = 5,
-    wait_s: float = 2.0,
-    timeout_s: float = 30.0,
-) -> None:
-    """Terminate (delete) the pod (`DELETE {api_url}/pods/{pod_id}`)."""
-    _call("DELETE", f"{api_url}/pods/{pod_id}", api_key=api_key, attempts=attempts, wait_s=wait_s, timeout_s=timeout_s)
+def stop_pod(*, pod_id: str, api_key: str, api_url: str = DEFAULT_API_URL, retry: RetryPolicy = API_RETRY) -> None:
+    """Stop the pod: GPU billing ends, the volume is kept (a small storage charge goes on)."""
+    pod_action(pod_id=pod_id, action="stop", api_key=api_key, api_url=api_url, retry=retry)
 
 
-def perform(action: FinishAction, *, attempts: int = 5, wait_s: float = 2.0) -> None:
+def terminate_pod(*, pod_id: str, api_key: str, api_url: str = DEFAULT_API_URL, retry: RetryPolicy = API_RETRY) -> None:
+    """Terminate the pod: it and its container disk are deleted (a network volume is only detached)."""
+    pod_action(pod_id=pod_id, action="terminate", api_key=api_key, api_url=api_url, retry=retry)
+
+
+def pod_price(*, pod_id: str, api_key: str, api_url: str = DEFAULT_API_URL, retry: RetryPolicy = API_RETRY) -> float:
+    """The pod's price in USD per hour: the `cost` of `GET {api_url}/pods/{pod_id}`."""
+    pod = request("GET", f"{api_url}/pods/{pod_id}", api_key=api_key, retry=retry)
+    cost = pod.get("cost") if isinstance(pod, dict) else None
+    if isinstance(cost, bool) or not isinstance(cost, int | float) or cost < 0:
+        raise RunPodError(f"RunPod API GET {api_url}/pods/{pod_id} gave no price (cost: {cost!r})")
+    return float(cost)
+
+
+def perform(action: FinishAction, *, retry: RetryPolicy = API_RETRY) -> None:
     """Carry out a stop or terminate action; exit and sleep are the start script's to do, so nothing happens."""
     if action.action not in ("stop", "terminate"):
         return
     assert action.pod_id and action.api_key  # finish_action_from_env guarantees both
-    call = stop_pod if action.action == "stop" else terminate_pod
-    call(pod_id=action.pod_id, api_key=action.api_key, api_url=action.api_url, attempts=attempts, wait_s=wait_s)
+    pod_action(
+        pod_id=action.pod_id,
+        action=action.action,  # type: ignore[arg-type]
+        api_key=action.api_key,
+        api_url=action.api_url,
+        retry=retry,
+    )
+
+
+class _Transient(Exception):
+    """A rate limit or server error, retried; carries the wait the server asked for."""
+
+    def __init__(self, error: urllib.error.HTTPError, wait_s: float | None) -> None:
+        super().__init__(f"HTTP {error.code} {error.reason}")
+        self.error, self.wait_s = error, wait_s
 
 
 def _is_transient(error: BaseException) -> bool:
     """Rate limits, server errors and dropped connections are worth retrying; other 4xx answers are not."""
+    if isinstance(error, _Transient):
+        return True
     if isinstance(error, urllib.error.HTTPError):
-        return error.code == 429 or error.code >= 500
+        return False
     return isinstance(error, urllib.error.URLError | TimeoutError | ConnectionError)
 
 
-def _call(method: str, url: str, *, api_key: str, attempts: int, wait_s: float, timeout_s: float) -> None:
-    request = urllib.request.Request(
-        url, method=method, headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-    )
-    retrying = Retrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=wait_s, max=60),
-        retry=retry_if_exception(_is_transient),
-        reraise=True,
-    )
+def retry_after_s(value: str | None) -> float | None:
+    """An HTTP Retry-After header (seconds, or a date) as seconds from now; None when absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
     try:
-        for attempt in retrying:
-            with attempt, urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
-    except urllib.error.HTTPError as error:
-        body = error.read(300).decode("utf-8", "replace").strip()
-        hint = " (check RUNPOD_API_KEY)" if error.code in (401, 403) else ""
-        raise RunPodError(f"RunPod API {method} {url} answered {error.code} {error.reason}{hint}: {body}") from None
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def problem_text(body: bytes) -> str:
+    """An RFC 9457 problem (`title`, `status`, `detail`, `errors`) in one line; other bodies as they are."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        problem = json.loads(text)
+    except json.JSONDecodeError:
+        return " ".join(text.split())[:300]
+    if not isinstance(problem, dict):
+        return text[:300]
+    detail = str(problem.get("detail") or problem.get("message") or "").strip()
+    errors = problem.get("errors")
+    if isinstance(errors, list) and errors:
+        detail += f" ({'; '.join(str(e) for e in errors)})"
+    return " ".join(detail.split())[:300]
+
+
+_HINTS = {
+    401: " (check RUNPOD_API_KEY)",
+    403: " (RUNPOD_API_KEY may not manage this pod: use a key with write access to pods)",
+    404: " (check RUNPOD_POD_ID and RUNPOD_API_URL)",
+}
+
+
+def request(
+    method: str,
+    url: str,
+    *,
+    api_key: str,
+    body: dict[str, Any] | None = None,
+    retry: RetryPolicy = API_RETRY,
+    timeout_s: float = API_TIMEOUT_S,
+) -> Any:
+    """One call to RunPod's API with the bearer key, retried on 429, 5xx and dropped connections; the decoded
+    JSON answer (None for an empty one). A failure for good is a `RunPodError` in one line without the key."""
+    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+
+    def call() -> Any:
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, data=data, method=method, headers=headers), timeout=timeout_s
+            ) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            if error.code == 429 or error.code >= 500:
+                raise _Transient(error, retry_after_s(error.headers.get("Retry-After"))) from None
+            raise
+        return json.loads(payload) if payload.strip() else None
+
+    try:
+        return retry_call(
+            call,
+            what=f"runpod: {method} {url}",
+            policy=retry,
+            logger=log,
+            is_transient=_is_transient,
+            server_wait_s=lambda e: e.wait_s if isinstance(e, _Transient) else None,
+            describe_error=lambda e: str(e) if isinstance(e, _Transient) else describe(e),
+        )
+    except (urllib.error.HTTPError, _Transient) as failure:
+        error = failure.error if isinstance(failure, _Transient) else failure
+        detail = problem_text(error.read())
+        tries = f" after {retry.attempts} attempts" if isinstance(failure, _Transient) else ""
+        raise RunPodError(
+            f"RunPod API {method} {url} answered {error.code} {error.reason}{tries}{_HINTS.get(error.code, '')}"
+            + (f": {detail}" if detail else "")
+        ) from None
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        raise RunPodError(f"RunPod API {method} {url} unreachable after {attempts} attempts: {error}") from None
+        reason = getattr(error, "reason", error)
+        raise RunPodError(f"RunPod API {method} {url} unreachable after {retry.attempts} attempts: {reason}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise RunPodError(f"RunPod API {method} {url} answered something that is not JSON: {error}") from None
 
 
 def finished_checkpoint(checkpoints_dir: Path, *, state_file: str = TRAIN_STATE_FILE) -> Path | None:
@@ -241,16 +395,31 @@ def plan(experiment: str | None, output_dir: str | None, overrides: tuple[str, .
             "start: no GPU visible (on RunPod pick a GPU pod; with docker run pass --gpus all): training on CPU",
             err=True,
         )
+    if found.notice:
+        click.echo(f"start: {found.notice}", err=True)
     click.echo(f"{found.on_finish} {found.gpus}")
 
 
 @cli.command()
 def finish() -> None:
-    """Stop or terminate this pod as ON_FINISH says (exit and sleep do nothing here)."""
+    """Stop or terminate this pod as ON_FINISH says (exit and sleep do nothing here).
+
+    A failure is one line that says why and that the container sleeps instead (start.sh then sleeps: exiting
+    would let RunPod restart the container, and the pod would bill on unseen), and exit code 2.
+    """
     action = _or_exit(finish_action_from_env)
-    if action.action in ("stop", "terminate"):
-        click.echo(f"runpod: asking RunPod to {action.action} pod {action.pod_id}", err=True)
-    _or_exit(lambda: perform(action))
+    if action.action not in ("stop", "terminate"):
+        return
+    click.echo(f"runpod: asking RunPod to {action.action} pod {action.pod_id}", err=True)
+    try:
+        perform(action)
+    except RunPodError as error:
+        click.echo(
+            f"error: could not {action.action} pod {action.pod_id}: {error}; sleeping instead of exiting, so "
+            f"RunPod does not restart the container: {action.action} the pod in RunPod's console",
+            err=True,
+        )
+        sys.exit(error.exit_code)
 
 
 @cli.command()
