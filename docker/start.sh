@@ -16,6 +16,9 @@ log() { echo "start: $*" >&2; }
 die() { echo "start: $*" >&2; exit 2; }
 is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 
+# What a run costs counts from the container's start (model downloads included), as RunPod's bill does.
+export TINY_AUDIO_STARTED_AT="${TINY_AUDIO_STARTED_AT:-$(date +%s)}"
+
 # Caches, trackers and outputs go to the persistent volume RunPod mounts at /workspace, so a restarted pod
 # neither downloads the models again nor loses its checkpoints. A value the user set always wins.
 if [[ -d /workspace ]]; then
@@ -30,7 +33,7 @@ case "${1:-}" in
   *) ;;  # no command, or overrides only: train
 esac
 
-# Validate EXP, its overrides, ON_FINISH and the GPUs before launching anything: a mistake ends here
+# Validate EXP, its overrides, ON_FINISH, the budget and the GPUs before launching anything: a mistake ends here
 # in one line (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS"; on RunPod
 # ON_FINISH defaults to stop when the pod can stop itself, and a line on stderr says whether the pod will.
 plan="$("$PYTHON" -m tiny_audio.runpod plan "$@")"

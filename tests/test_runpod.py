@@ -1,16 +1,19 @@
 """tiny_audio.runpod and docker/start.sh's end of a run against a local stand-in for RunPod's REST API v2
 (tests/runpod_server.py): stop and terminate, the price, retries, one-line failures that leave the container
-sleeping, and ON_FINISH's default on RunPod."""
+sleeping, ON_FINISH's default on RunPod, and a budget that ends a real (tiny) run as done."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +21,9 @@ from tests.runpod_server import RunPodV2, serve_runpod_v2
 from tiny_audio import runpod
 from tiny_audio.errors import UserError
 from tiny_audio.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from tiny_audio.train import Run
 
 ROOT = Path(__file__).resolve().parent.parent
 START = ROOT / "docker" / "start.sh"
@@ -212,6 +218,9 @@ def test_plan_refuses_a_real_model_without_gpu_whatever_the_experiment_is_called
         ((), {"EXP": "mlp", "NUM_GPUS": "0"}, "ALLOW_CPU=1"),
         ((), {"EXP": "tiny", "NUM_GPUS": "two"}, "NUM_GPUS must be a whole number"),
         ((), {"EXP": "tiny", "NUM_GPUS": "1", "ON_FINISH": "nap"}, "ON_FINISH='nap'"),
+        ((), {"EXP": "tiny", "NUM_GPUS": "1", "MAX_HOURS": "ten"}, "MAX_HOURS must be a number > 0"),
+        ((), {"EXP": "tiny", "NUM_GPUS": "1", "MAX_COST_USD": "5"}, "needs the machine's price: set COST_PER_HOUR"),
+        (("budget.max_hours=0",), {"EXP": "tiny", "NUM_GPUS": "1"}, "budget.max_hours"),
     ],
 )
 def test_plan_mistakes_end_in_one_line_and_exit_2(args: tuple[str, ...], env: dict[str, str], message: str) -> None:
@@ -351,3 +360,116 @@ def test_finished_command_exit_codes(tmp_path: Path) -> None:
     _checkpoint(tmp_path, "step-5", {"step": 5, "final": True})
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == str(tmp_path / "step-5")
+
+
+# --- a real (tiny) run: the price once, money beside time, a budget that ends the run as done ----------------
+
+# The shipped tiny experiment, on CPU: no evaluation, no tracker, one decode thread, a line per step.
+QUICK = [
+    "data.eval=null",
+    "tracking.mode=disabled",
+    "data.num_workers=1",
+    "training.warmup_steps=2",
+    "training.logging_steps=1",
+]
+STEP_MONEY = re.compile(r"Step (\d+)/\d+ \| .* \| ETA: \S+ \| \$([\d,.]+) of ~\$([\d,.]+) \| [\d.]+ samples/s")
+
+
+def _train(output_dir: Path, *overrides: str, target: str | None = None) -> tuple[int, Run]:
+    from tiny_audio.config import load_config
+    from tiny_audio.train import cleanup, setup, train_loop
+
+    cfg = load_config("tiny", [*QUICK, *overrides])
+    run = setup(cfg, output_dir=output_dir, token=None, target=target)
+    try:
+        return train_loop(run), run
+    finally:
+        cleanup(run)
+
+
+def _metrics(output_dir: Path) -> list[dict[str, float]]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_price_is_read_once_and_the_costs_follow_from_it(
+    api: RunPodV2, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.pods["pod123"]["cost"] = 36.0  # a cent a second, so that seconds of CPU training show in dollars
+    for name, value in _on_runpod(api).items():
+        monkeypatch.setenv(name, value)
+    with caplog.at_level(logging.INFO, logger="tiny_audio"):
+        code, run = _train(tmp_path, "training.max_steps=3", "training.resume=false")
+    assert code == 0 and run.step == 3
+    assert [(c.method, c.path) for c in api.calls] == [("GET", "/v2/pods/pod123")]  # once, at start
+    assert "cost: $36.00/hr (RunPod pod pod123) | budget: none" in caplog.text
+    lines = [
+        (int(s), float(a.replace(",", "")), float(b.replace(",", ""))) for s, a, b in STEP_MONEY.findall(caplog.text)
+    ]
+    assert [s for s, _, _ in lines] == [1, 2, 3], caplog.text
+    assert all(spent <= projected for _, spent, projected in lines)
+    assert lines[-1][1] == lines[-1][2]  # nothing left to spend at the last step
+    costs = [m for m in _metrics(tmp_path) if "run/cost_usd" in m]
+    assert [m["step"] for m in costs] == [1, 2, 3]
+    for m in costs:  # what W&B gets: hours at the pod's price
+        assert m["run/cost_usd"] == pytest.approx(m["run/hours"] * 36.0)
+    assert costs[0]["run/cost_usd"] <= costs[-1]["run/cost_usd"]
+
+
+def _stored(target: Path) -> dict[str, object]:
+    return json.loads((target / "last-checkpoint" / runpod.TRAIN_STATE_FILE).read_text())
+
+
+def test_a_budget_ends_the_run_as_done_and_a_restart_does_not_train_past_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    target, out = tmp_path / "store", tmp_path / "out"
+    monkeypatch.setenv("COST_PER_HOUR", "3.6")
+    monkeypatch.setenv("MAX_HOURS", "1e-9")  # reached at the first check: the first logged step
+    with caplog.at_level(logging.INFO, logger="tiny_audio"):
+        code, run = _train(out, "training.max_steps=3", target=f"file://{target}")
+    assert (code, run.step) == (0, 1)
+    assert "budget of 1e-09 h reached" in caplog.text
+    assert "saving, uploading and ending the run at step 1 as done" in caplog.text
+    first = _stored(target)  # uploaded to the checkpoint target
+    assert (first["step"], first["final"]) == (1, False)
+    assert first["billing"]["usd"] == pytest.approx(first["billing"]["seconds"] / 1000)  # type: ignore[index]
+
+    caplog.clear()  # a restarted container: same volume, same budget
+    with caplog.at_level(logging.INFO, logger="tiny_audio"):
+        code, run = _train(out, "training.max_steps=3", target=f"file://{target}")
+    assert (code, run.step) == (0, 1)
+    assert "raise MAX_HOURS (budget.max_hours) to train on: not training" in caplog.text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001"]
+
+    monkeypatch.setenv("MAX_HOURS", "100")  # the budget raised: the run goes on from where it stopped
+    code, run = _train(out, "training.max_steps=3", target=f"file://{target}")
+    assert (code, run.step) == (0, 3)
+    last = _stored(target)
+    assert (last["step"], last["final"]) == (3, True)
+    assert last["billing"]["seconds"] > first["billing"]["seconds"]  # type: ignore[index]
+
+
+def test_a_budget_reached_on_a_pod_saves_uploads_and_stops_the_pod(api: RunPodV2, shims: Path, tmp_path: Path) -> None:
+    """The whole path on the image's start script: the tiny run reaches MAX_HOURS at its first logged step,
+    saves and uploads a checkpoint (a file:/// target), exits 0 as done, and the pod stops itself."""
+    target = tmp_path / "store"
+    done = _start(
+        shims,
+        *QUICK,
+        "training.max_steps=50",
+        python=sys.executable,  # the real trainer
+        OUTPUT_DIR=str(tmp_path / "out"),
+        HUB_MODEL_ID=f"file://{target}",
+        MAX_HOURS="1e-9",
+        **_on_runpod(api),
+    )
+    assert "container sleeps: sleep infinity" in done.stdout, (done.stdout + done.stderr)[-3000:]
+    assert "training ended with exit code 0; ON_FINISH=stop" in done.stderr  # done, not crashed
+    assert "budget of 1e-09 h reached" in done.stdout and "ending the run at step 1 as done" in done.stdout
+    assert STEP_MONEY.search(done.stdout), done.stdout  # the pod's price, read once, beside the time
+    state = _stored(target)
+    assert (state["step"], state["final"]) == (1, False)
+    assert [(c.method, c.path, c.body) for c in api.calls] == [
+        ("GET", "/v2/pods/pod123", None),
+        ("POST", "/v2/pods/pod123/action", {"action": "stop"}),
+    ]

@@ -225,6 +225,18 @@ class TrackingConfig(Section):
     """auto: online when WANDB_API_KEY is set, offline otherwise (never prompts)."""
 
 
+class BudgetConfig(Section):
+    """What the run costs and when it has cost enough. Time counts wall-clock from the container's start (model
+    downloads and evaluations included) and adds up over restarts; the environment variables override."""
+
+    cost_per_hour: float | None = Field(None, ge=0)
+    """USD per hour of this machine (env COST_PER_HOUR). None: read once from the pod on RunPod, else no costs."""
+    max_hours: float | None = Field(None, gt=0)
+    """Hours after which the run saves, uploads and ends as done, then ON_FINISH (env MAX_HOURS). None: no limit."""
+    max_cost_usd: float | None = Field(None, gt=0)
+    """USD after which the run saves, uploads and ends as done, then ON_FINISH (env MAX_COST_USD); needs a price."""
+
+
 class Config(Section):
     experiment: str = "mlp"
     """Experiment name (set from the file name)."""
@@ -234,6 +246,7 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

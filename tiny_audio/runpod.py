@@ -160,14 +160,16 @@ def launch_plan(
     """Validate everything a launch depends on, so a mistake ends in one line now and not after hours of training.
 
     Checks ON_FINISH and the RunPod variables it needs, the experiment and its overrides (with the CLI's own
-    messages), and the GPUs: with none visible only experiments on shipped miniature models (asset://) train,
-    unless ALLOW_CPU=1.
+    messages), the budget (MAX_HOURS, MAX_COST_USD and a price to count against), and the GPUs: with none
+    visible only experiments on shipped miniature models (asset://) train, unless ALLOW_CPU=1.
     """
     from tiny_audio.cli import load_experiment  # the CLI's messages for a missing or wrong EXP
+    from tiny_audio.cost import check_budget
 
     env = os.environ if env is None else env
     action = finish_action_from_env(env)
     cfg = load_experiment(experiment, tuple(overrides))
+    check_budget(cfg.budget, env)
     gpus = visible_gpus(env)
     miniature = all(m.startswith(SHIPPED_MODEL_SCHEME) for m in (cfg.model.encoder_id, cfg.model.decoder_id))
     if gpus == 0 and not miniature and env.get("ALLOW_CPU") != "1":
