@@ -21,6 +21,7 @@ from tests.runpod_server import RunPodV2, serve_runpod_v2
 from tiny_audio import runpod
 from tiny_audio.errors import UserError
 from tiny_audio.retry import RetryPolicy
+from tiny_audio.tracking import NullTracker
 
 if TYPE_CHECKING:
     from tiny_audio.train import Run
@@ -447,6 +448,49 @@ def test_a_budget_ends_the_run_as_done_and_a_restart_does_not_train_past_it(
     last = _stored(target)
     assert (last["step"], last["final"]) == (3, True)
     assert last["billing"]["seconds"] > first["billing"]["seconds"]  # type: ignore[index]
+
+
+class AlertRecorder(NullTracker):
+    def __init__(self) -> None:
+        super().__init__("recorder")
+        self.alerts: list[tuple[str, str]] = []
+
+    def alert(self, title: str, text: str) -> None:
+        self.alerts.append((title, text))
+
+
+def test_a_health_warning_is_logged_and_alerted_and_ends_the_run_only_when_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tiny_audio.config import load_config
+    from tiny_audio.train import cleanup, setup, train_loop
+
+    with_eval = [o for o in QUICK if o != "data.eval=null"]
+    base = [*with_eval, "training.max_steps=3", "training.eval_steps=1", "training.resume=false"]
+    base += ["data.eval_samples=4", "data.eval_wer_samples=0"]
+    # Any eval loss short of a 99% fall in one step counts as stalled: the second evaluation warns.
+    strict = ["health.plateau_steps=1", "health.min_improvement=0.99"]
+    for stop, steps in (("false", 3), ("true", 2)):
+        out = tmp_path / f"stop-{stop}"
+        run = setup(
+            load_config("tiny", [*base, *strict, f"health.stop_on_warning={stop}"]),
+            output_dir=out,
+            token=None,
+            target=None,
+        )
+        run.tracker = recorder = AlertRecorder()
+        caplog.clear()
+        try:
+            with caplog.at_level(logging.INFO, logger="tiny_audio"):
+                assert train_loop(run) == 0
+        finally:
+            cleanup(run)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and warnings[0].startswith("health: the eval loss has not fallen 99% in 1 step ")
+        assert recorder.alerts == [("tiny-audio: consider cancelling this run", warnings[0])]
+        assert run.step == steps, caplog.text
+        ended = "health warning (health.stop_on_warning): saving, uploading and ending the run at step 2 as done"
+        assert (ended in caplog.text) == (stop == "true")
 
 
 def test_a_budget_reached_on_a_pod_saves_uploads_and_stops_the_pod(api: RunPodV2, shims: Path, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from tiny_audio.data import build_eval_batches, build_train_stream
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
+from tiny_audio.health import EvalWatch
 from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
@@ -68,6 +69,7 @@ class Run:
     output_dir: Path
     secrets: list[str]
     meter: CostMeter  # hours and dollars spent, the budget (tiny_audio.cost)
+    watch: EvalWatch  # the eval loss's trend: when to think about cancelling (tiny_audio.health)
     step: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
@@ -250,6 +252,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         output_dir=output_dir,
         secrets=secrets,
         meter=meter,
+        watch=EvalWatch(cfg.health),
     )
     run_id = resume(run) if t.resume else None
     if is_main:
@@ -334,6 +337,7 @@ def resume(run: Run) -> str | None:
     run.metrics = dict(train_state.get("metrics", {}))
     run.best_wer = train_state.get("best_wer")
     run.meter.load_state_dict(train_state.get("billing"))
+    run.watch.load_state_dict(train_state.get("health"))
     log.info("resumed from %s at step %d", directory, run.step)
     return train_state.get("tracker_run_id")
 
@@ -408,6 +412,7 @@ def train_loop(run: Run) -> int:
             if float(aux_sum):
                 metrics["train/aux_loss"] = float(aux_sum) / steps
             metrics |= projector_metrics(raw) | stream_metrics(run.stream) | run.meter.metrics()
+            run.watch.note_train_loss(metrics["train/loss"])
             if acc.is_main_process:
                 eta = (t.max_steps - run.step) * train_time / steps
                 money = (run.meter.usd(), run.meter.projected_usd(eta))
@@ -420,7 +425,12 @@ def train_loop(run: Run) -> int:
 
         # -- evaluate and checkpoint
         if run.eval_batches and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
-            run_eval(run)
+            warning = run.watch.observe(run.step, run_eval(run).loss)
+            if warning and acc.is_main_process:
+                log.warning(warning)
+                run.tracker.alert("tiny-audio: consider cancelling this run", warning)
+            stop_here = warning is not None and cfg.health.stop_on_warning
+            ending = ending or end_early(run, "health warning (health.stop_on_warning)" if stop_here else None)
         # (a periodic save is left out while updates are being skipped: the last good checkpoint stays the newest)
         periodic = run.step % t.save_steps == 0 and run.bad_steps == 0
         stopping = stop_agreed(run)
@@ -433,9 +443,9 @@ def train_loop(run: Run) -> int:
 
 
 def end_early(run: Run, reason: str | None) -> str | None:
-    """The main process's reason to end the run as done before max_steps (a budget reached), the same on every
-    rank: the main process's clock decides, and every rank stops after the same step, or the ones that went on
-    would wait forever for the others."""
+    """The main process's reason to end the run as done before max_steps (a budget reached; a health warning
+    when health.stop_on_warning), the same on every rank: the main process's clock decides, and every rank
+    stops after the same step, or the ones that went on would wait forever for the others."""
     if run.accelerator.num_processes == 1:
         return reason
     box = [reason]
@@ -628,6 +638,7 @@ def _save(run: Run, *, final: bool) -> None:
         "final": final,
         "experiment": run.cfg.experiment,
         "billing": run.meter.state_dict(),
+        "health": run.watch.state_dict(),
     }
 
     def write(directory: Path) -> None:
