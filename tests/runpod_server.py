@@ -1,4 +1,4 @@
-"""A local stand-in for RunPod's REST API v2 (https://api.runpod.io/v2), for the tests of tiny_audio.runpod.
+"""A local stand-in for RunPod's REST API v2 (https://api.runpod.io/v2), for the tests of tiny_audio.runpod_api.
 
 It answers what the container calls, as the v2 reference describes it (docs.runpod.io/api-reference-v2: the
 migration guide, "Trigger a pod state transition", "Get a pod", "Terminate a pod", and the OpenAPI schema):

@@ -1,4 +1,4 @@
-"""tiny_audio.runpod and docker/start.sh's end of a run against a local stand-in for RunPod's REST API v2
+"""tiny_audio.runpod(_api) and docker/start.sh's end of a run against a local stand-in for RunPod's REST API v2
 (tests/runpod_server.py): stop and terminate, the price, retries, one-line failures that leave the container
 sleeping, ON_FINISH's default on RunPod, and a budget that ends a real (tiny) run as done."""
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.runpod_server import RunPodV2, serve_runpod_v2
-from tiny_audio import runpod
+from tiny_audio import runpod, runpod_api
 from tiny_audio.errors import UserError
 from tiny_audio.retry import RetryPolicy
 from tiny_audio.tracking import NullTracker
@@ -43,7 +43,7 @@ def api() -> Iterator[RunPodV2]:
 
 
 def test_stop_posts_the_stop_action_to_v2(api: RunPodV2) -> None:
-    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    runpod_api.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
     (call,) = api.calls
     assert (call.method, call.path, call.authorization) == ("POST", "/v2/pods/pod123/action", f"Bearer {KEY}")
     assert call.body == {"action": "stop"}
@@ -51,7 +51,7 @@ def test_stop_posts_the_stop_action_to_v2(api: RunPodV2) -> None:
 
 
 def test_terminate_deletes_the_pod(api: RunPodV2) -> None:
-    runpod.terminate_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    runpod_api.terminate_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
     assert [(c.method, c.path, c.body) for c in api.calls] == [
         ("POST", "/v2/pods/pod123/action", {"action": "terminate"})
     ]
@@ -59,13 +59,13 @@ def test_terminate_deletes_the_pod(api: RunPodV2) -> None:
 
 
 def test_the_price_is_the_pods_cost_per_hour(api: RunPodV2) -> None:
-    assert runpod.pod_price(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT) == 0.44
+    assert runpod_api.pod_price(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT) == 0.44
     assert [(c.method, c.path) for c in api.calls] == [("GET", "/v2/pods/pod123")]
 
 
 def test_rate_limits_and_server_errors_are_retried(api: RunPodV2) -> None:
     api.fail(503, 429, 500, retry_after="0")
-    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    runpod_api.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=NO_WAIT)
     assert len(api.calls) == 4 and api.pods["pod123"]["status"] == "EXITED"
 
 
@@ -74,59 +74,59 @@ def test_the_wait_a_429_asks_for_is_honoured(api: RunPodV2) -> None:
 
     api.fail(429, retry_after="1")
     started = time.monotonic()
-    runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, initial_s=0.0, max_s=5.0))
+    runpod_api.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, initial_s=0.0, max_s=5.0))
     assert time.monotonic() - started >= 1.0 and len(api.calls) == 2
 
 
 def test_gives_up_after_the_attempts_with_the_servers_problem(api: RunPodV2) -> None:
     api.fail(502, 502, 502, 502)
-    with pytest.raises(runpod.RunPodError, match=r"502 Bad Gateway after 3 attempts: injected failure") as raised:
-        runpod.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, 0.0, 0.0))
+    with pytest.raises(runpod_api.RunPodError, match=r"502 Bad Gateway after 3 attempts: injected failure") as raised:
+        runpod_api.stop_pod(pod_id="pod123", api_key=KEY, api_url=api.url, retry=RetryPolicy(3, 0.0, 0.0))
     assert len(api.calls) == 3 and "\n" not in str(raised.value)
 
 
 def test_a_bad_key_is_not_retried_and_says_which_variable(api: RunPodV2) -> None:
-    with pytest.raises(runpod.RunPodError, match=r"401 Unauthorized \(check RUNPOD_API_KEY\): invalid bearer"):
-        runpod.stop_pod(pod_id="pod123", api_key="secret-key", api_url=api.url, retry=NO_WAIT)
+    with pytest.raises(runpod_api.RunPodError, match=r"401 Unauthorized \(check RUNPOD_API_KEY\): invalid bearer"):
+        runpod_api.stop_pod(pod_id="pod123", api_key="secret-key", api_url=api.url, retry=NO_WAIT)
     assert len(api.calls) == 1 and api.pods["pod123"]["status"] == "RUNNING"
 
 
 def test_an_unknown_pod_is_not_retried_and_says_which_variable(api: RunPodV2) -> None:
-    with pytest.raises(runpod.RunPodError, match=r"404 Not Found \(check RUNPOD_POD_ID.*\): pod not found"):
-        runpod.terminate_pod(pod_id="nope", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    with pytest.raises(runpod_api.RunPodError, match=r"404 Not Found \(check RUNPOD_POD_ID.*\): pod not found"):
+        runpod_api.terminate_pod(pod_id="nope", api_key=KEY, api_url=api.url, retry=NO_WAIT)
     assert len(api.calls) == 1
 
 
 def test_an_unknown_body_field_is_rejected_by_name(api: RunPodV2) -> None:
     """v2 rejects what v1 ignored: a body with a field the schema lacks is a 422 naming it, not a stop."""
     url = f"{api.url}/pods/pod123/action"
-    with pytest.raises(runpod.RunPodError, match=r"422 .*additional properties 'force' not allowed"):
-        runpod.request("POST", url, api_key=KEY, body={"action": "stop", "force": True}, retry=NO_WAIT)
-    with pytest.raises(runpod.RunPodError, match=r"422 .*value must be one of"):
-        runpod.request("POST", url, api_key=KEY, body={"action": "reset"}, retry=NO_WAIT)  # a v1-only verb
+    with pytest.raises(runpod_api.RunPodError, match=r"422 .*additional properties 'force' not allowed"):
+        runpod_api.request("POST", url, api_key=KEY, body={"action": "stop", "force": True}, retry=NO_WAIT)
+    with pytest.raises(runpod_api.RunPodError, match=r"422 .*value must be one of"):
+        runpod_api.request("POST", url, api_key=KEY, body={"action": "reset"}, retry=NO_WAIT)  # a v1-only verb
     assert len(api.calls) == 2 and api.pods["pod123"]["status"] == "RUNNING"
 
 
 def test_the_v1_calls_fail_against_v2(api: RunPodV2) -> None:
     """What the container sent before (v1: `POST /pods/{id}/stop`, no body) is a 404 now, on either base."""
     for url in (f"{api.url}/pods/pod123/stop", api.url.replace("/v2", "/v1") + "/pods/pod123/stop"):
-        with pytest.raises(runpod.RunPodError, match="404 Not Found"):
-            runpod.request("POST", url, api_key=KEY, retry=NO_WAIT)
+        with pytest.raises(runpod_api.RunPodError, match="404 Not Found"):
+            runpod_api.request("POST", url, api_key=KEY, retry=NO_WAIT)
     assert api.pods["pod123"]["status"] == "RUNNING"
     with pytest.raises(UserError, match="REST API v1, which RunPod has retired: unset RUNPOD_API_URL"):
-        runpod.api_url_from_env({"RUNPOD_API_URL": "https://rest.runpod.io/v1"})
-    assert runpod.api_url_from_env({}) == "https://api.runpod.io/v2"
+        runpod_api.api_url_from_env({"RUNPOD_API_URL": "https://rest.runpod.io/v1"})
+    assert runpod_api.api_url_from_env({}) == "https://api.runpod.io/v2"
 
 
 def test_an_action_the_pods_status_forbids_is_said(api: RunPodV2) -> None:
     api.add_pod("stopped", status="EXITED")
-    with pytest.raises(runpod.RunPodError, match="409 Conflict: cannot stop a pod that is EXITED"):
-        runpod.stop_pod(pod_id="stopped", api_key=KEY, api_url=api.url, retry=NO_WAIT)
+    with pytest.raises(runpod_api.RunPodError, match="409 Conflict: cannot stop a pod that is EXITED"):
+        runpod_api.stop_pod(pod_id="stopped", api_key=KEY, api_url=api.url, retry=NO_WAIT)
 
 
 def test_unreachable_api_is_retried_then_reported() -> None:
-    with pytest.raises(runpod.RunPodError, match="unreachable after 2 attempts"):
-        runpod.stop_pod(pod_id="p", api_key="k", api_url="http://127.0.0.1:9/v2", retry=RetryPolicy(2, 0.0, 0.0))
+    with pytest.raises(runpod_api.RunPodError, match="unreachable after 2 attempts"):
+        runpod_api.stop_pod(pod_id="p", api_key="k", api_url="http://127.0.0.1:9/v2", retry=RetryPolicy(2, 0.0, 0.0))
 
 
 # --- ON_FINISH: settings and the default on RunPod --------------------------------------------------------

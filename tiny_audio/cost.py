@@ -64,7 +64,7 @@ def check_budget(cfg: BudgetConfig, env: Mapping[str, str] | None = None) -> Bud
     pod_id, api_key = env.get("RUNPOD_POD_ID") or None, env.get("RUNPOD_API_KEY") or None
     pod = None
     if price is None and pod_id and api_key:
-        from tiny_audio.runpod import api_url_from_env
+        from tiny_audio.runpod_api import api_url_from_env
 
         pod, source = (pod_id, api_key, api_url_from_env(env)), f"RunPod pod {pod_id}"
     budget = Budget(
@@ -190,7 +190,7 @@ def start_meter(cfg: BudgetConfig, *, env: Mapping[str, str] | None = None, ask_
     budget = check_budget(cfg, env)
     price = budget.usd_per_hour
     if price is None and budget.pod is not None and ask_runpod:
-        from tiny_audio.runpod import RunPodError, pod_price
+        from tiny_audio.runpod_api import RunPodError, pod_price
 
         pod_id, api_key, api_url = budget.pod
         try:
