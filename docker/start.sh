@@ -4,7 +4,7 @@
 # Every variable it reads is listed in docker/README.md.
 #
 #   start.sh [train] [section.key=value ...]      train (the default command)
-#   start.sh check|eval|transcribe [...]          run that command of the CLI as is
+#   start.sh check|eval|transcribe|compare-padding|plot [...]   run that command of the CLI as is
 #   start.sh --help                               the CLI's help (every environment variable)
 set -euo pipefail
 
@@ -16,6 +16,9 @@ log() { echo "start: $*" >&2; }
 die() { echo "start: $*" >&2; exit 2; }
 is_positive() { [[ "$1" =~ ^[0-9]+$ ]] && (( $1 >= 1 )); }
 
+# What a run costs counts from the container's start (model downloads included), as RunPod's bill does.
+export TINY_AUDIO_STARTED_AT="${TINY_AUDIO_STARTED_AT:-$(date +%s)}"
+
 # Caches, trackers and outputs go to the persistent volume RunPod mounts at /workspace, so a restarted pod
 # neither downloads the models again nor loses its checkpoints. A value the user set always wins.
 if [[ -d /workspace ]]; then
@@ -25,13 +28,14 @@ fi
 
 case "${1:-}" in
   train) shift ;;
-  check | eval | transcribe) exec "$PYTHON" "$ENTRYPOINT" "$@" ;;
+  check | eval | transcribe | compare-padding | plot) exec "$PYTHON" "$ENTRYPOINT" "$@" ;;
   -*) exec "$PYTHON" "$ENTRYPOINT" "$@" ;;  # --help, --version: nothing to launch
   *) ;;  # no command, or overrides only: train
 esac
 
-# Validate EXP, its overrides, ON_FINISH and the GPUs before launching anything: a mistake ends here in one line
-# (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS".
+# Validate EXP, its overrides, ON_FINISH, the budget and the GPUs before launching anything: a mistake ends here
+# in one line (exit 2), not after the models have loaded or hours of training. Prints "ON_FINISH GPUS"; on RunPod
+# ON_FINISH defaults to stop when the pod can stop itself, and a line on stderr says whether the pod will.
 plan="$("$PYTHON" -m tiny_audio.runpod plan "$@")"
 read -r on_finish gpus <<< "$plan"
 
@@ -111,11 +115,14 @@ case "$on_finish" in
     exec sleep infinity
     ;;
   stop | terminate)
-    if ! "$PYTHON" -m tiny_audio.runpod finish; then
-      # Exiting would let RunPod restart the container; sleeping keeps the pod, and the error, visible.
-      log "could not $on_finish the pod; sleeping instead"
+    # Exiting would let RunPod restart the container; on a failed call sleeping keeps the pod, and the error,
+    # visible. `finish` says why in one line (exit 2); anything else (a crash) is said here.
+    finished=0
+    "$PYTHON" -m tiny_audio.runpod finish || finished=$?
+    if (( finished != 0 && finished != 2 )); then
+      log "could not $on_finish the pod (exit code $finished); sleeping instead of exiting, so RunPod does not restart the container"
     fi
-    exec sleep infinity  # RunPod stops the container shortly
+    exec sleep infinity  # after a stop, RunPod ends the container shortly
     ;;
 esac
 exit "$status"

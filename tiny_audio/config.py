@@ -243,6 +243,31 @@ class TrackingConfig(Section):
     """auto: online when WANDB_API_KEY is set, offline otherwise (never prompts)."""
 
 
+class BudgetConfig(Section):
+    """What the run costs and when it has cost enough. Time counts wall-clock from the container's start (model
+    downloads and evaluations included) and adds up over restarts; the environment variables override."""
+
+    cost_per_hour: float | None = Field(None, ge=0)
+    """USD per hour of this machine (env COST_PER_HOUR). None: read once from the pod on RunPod, else no costs."""
+    max_hours: float | None = Field(None, gt=0)
+    """Hours after which the run saves, uploads and ends as done, then ON_FINISH (env MAX_HOURS). None: no limit."""
+    max_cost_usd: float | None = Field(None, gt=0)
+    """USD after which the run saves, uploads and ends as done, then ON_FINISH (env MAX_COST_USD); needs a price."""
+
+
+class HealthConfig(Section):
+    """When to think about cancelling: warnings (log line + W&B alert) about the eval loss's trend."""
+
+    plateau_steps: int = Field(3000, ge=1)
+    """Warn when the eval loss has not fallen by min_improvement within this many steps (past the usual plateau)."""
+    min_improvement: float = Field(0.01, ge=0, lt=1)
+    """The fall of the best eval loss that counts as progress, as a fraction of it (0.01: 1%)."""
+    rising_evals: int = Field(3, ge=1)
+    """Warn when the eval loss rises this many evaluations in a row while the training loss falls."""
+    stop_on_warning: bool = False
+    """End the run at a warning (save, upload, ON_FINISH) instead of only warning."""
+
+
 class Config(Section):
     experiment: str = "mlp"
     """Experiment name (set from the file name)."""
@@ -252,6 +277,8 @@ class Config(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

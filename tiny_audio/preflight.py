@@ -17,6 +17,7 @@ import torch
 from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.config import Config, SourceConfig
 from tiny_audio.errors import UserError
+from tiny_audio.runpod import cpu_refused
 
 # Widths of the public models the shipped experiments name, so the plan shows parameter counts offline.
 KNOWN_WIDTHS = {
@@ -69,7 +70,7 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
         report.lines.append(f"eval:       {describe_source(cfg.data.eval)} ({cfg.data.eval_samples} samples)")
     report.lines.append(f"checkpoints: {target or 'local only'} (+ {output_dir}/checkpoints)")
     report.lines.append(f"device:     {describe_device(cfg, gpus)}")
-    if refused_here(cfg, gpus):
+    if cpu_refused(cfg, gpus=gpus, env=os.environ):
         report.refused = (
             "training would be refused on this machine: no GPU visible (on RunPod pick a GPU pod, with docker run "
             "pass --gpus all; ALLOW_CPU=1 trains on CPU anyway)"
@@ -133,11 +134,6 @@ def describe_device(cfg: Config, gpus: int) -> str:
     if os.environ.get("ALLOW_CPU") == "1":
         return "CPU (no GPU visible): ALLOW_CPU=1, so it would train on CPU (days for the real models)"
     return "CPU (no GPU visible)"
-
-
-def refused_here(cfg: Config, gpus: int) -> bool:
-    """Whether training would refuse to start on this machine: real models, no GPU, no ALLOW_CPU=1."""
-    return gpus == 0 and not cfg.is_miniature and os.environ.get("ALLOW_CPU") != "1"
 
 
 def width_of(ref: str) -> int | None:

@@ -2,13 +2,14 @@
 ends (ON_FINISH), and whether a run has already finished.
 
 ON_FINISH, read by docker/start.sh:
-  exit       the container exits with the trainer's exit code (default)
+  exit       the container exits with the trainer's exit code
   sleep      the container sleeps after training, so the pod stays up for inspection
-  stop       RunPod stops the pod: GPU billing ends, the volume is kept (needs RUNPOD_API_KEY)
-  terminate  RunPod deletes the pod and its container disk (needs RUNPOD_API_KEY)
+  stop       RunPod stops the pod: GPU billing ends, the volume is kept
+  terminate  RunPod deletes the pod and its container disk
+Unset, it is `stop` where the pod can stop itself (RUNPOD_POD_ID and RUNPOD_API_KEY are set, as RunPod does in
+every pod) and `exit` elsewhere: a finished pod left running bills by the hour for nothing. An explicit value wins.
 
-RunPod sets RUNPOD_POD_ID in every pod; the user supplies RUNPOD_API_KEY. RUNPOD_API_URL (default
-https://rest.runpod.io/v1, RunPod's REST API) lets tests point the calls at a local server.
+The calls to RunPod's API (REST API v2) are tiny_audio.runpod_api's.
 
 A pod whose container exits is restarted by RunPod, so a restarted container must not train again: the trainer
 marks the last checkpoint `final: true` in its train state, and `finished_checkpoint` finds it.
@@ -22,32 +23,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Literal, TypeVar, get_args
 
 import click
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from tiny_audio.errors import UserError
+from tiny_audio.retry import RetryPolicy
+from tiny_audio.runpod_api import API_RETRY, DEFAULT_API_URL, RunPodError, api_url_from_env, pod_action
 
-# Models shipped inside the package (tiny, mini) are miniatures made to train on CPU; an experiment using any
-# other model refuses a machine without GPU unless ALLOW_CPU=1.
-SHIPPED_MODEL_SCHEME = "asset://"
+if TYPE_CHECKING:
+    from tiny_audio.config import Config
 
 OnFinish = Literal["exit", "sleep", "stop", "terminate"]
-DEFAULT_API_URL = "https://rest.runpod.io/v1"
 TRAIN_STATE_FILE = "train_state.json"
 # = tiny_audio.checkpoint.RESUME_DIR, not imported: that module pulls in torch, and start.sh wants this fast.
 RESUME_DIR = "last-checkpoint"
 _T = TypeVar("_T")
-
-
-class RunPodError(UserError):
-    """A RunPod API call failed for good (bad key, unknown pod, or still failing after the retries)."""
 
 
 @dataclass(frozen=True)
@@ -58,24 +52,54 @@ class FinishAction:
     pod_id: str | None = None
     api_key: str | None = field(default=None, repr=False)  # never in a log line
     api_url: str = DEFAULT_API_URL
+    explicit: bool = False  # ON_FINISH was set (False: the default for this machine was taken)
+
+    @property
+    def on_runpod(self) -> bool:
+        return self.pod_id is not None
 
 
 def finish_action_from_env(env: Mapping[str, str] | None = None) -> FinishAction:
-    """Read ON_FINISH, RUNPOD_POD_ID, RUNPOD_API_KEY and RUNPOD_API_URL; raise `UserError` naming what is wrong."""
+    """Read ON_FINISH, RUNPOD_POD_ID, RUNPOD_API_KEY and RUNPOD_API_URL; raise `UserError` naming what is wrong.
+
+    Without ON_FINISH: `stop` when the pod can stop itself (its id and an API key are set), else `exit`.
+    """
     env = os.environ if env is None else env
-    action = env.get("ON_FINISH", "").strip().lower() or "exit"
+    pod_id = env.get("RUNPOD_POD_ID") or None
+    api_key = env.get("RUNPOD_API_KEY") or None
+    api_url = api_url_from_env(env)
+    given = env.get("ON_FINISH", "").strip().lower()
+    action = given or ("stop" if pod_id and api_key else "exit")
     choices = get_args(OnFinish)
     if action not in choices:
         raise UserError(f"ON_FINISH={env.get('ON_FINISH')!r} is not one of {', '.join(choices)}")
-    pod_id = env.get("RUNPOD_POD_ID") or None
-    api_key = env.get("RUNPOD_API_KEY") or None
-    api_url = (env.get("RUNPOD_API_URL") or DEFAULT_API_URL).rstrip("/")
     if action in ("stop", "terminate"):
         if not pod_id:
             raise UserError(f"ON_FINISH={action} needs RUNPOD_POD_ID (RunPod sets it inside a pod)")
         if not api_key:
             raise UserError(f"ON_FINISH={action} needs RUNPOD_API_KEY (a RunPod API key with write access to pods)")
-    return FinishAction(action=action, pod_id=pod_id, api_key=api_key, api_url=api_url)  # type: ignore[arg-type]
+    return FinishAction(
+        action=action,  # type: ignore[arg-type]
+        pod_id=pod_id,
+        api_key=api_key,
+        api_url=api_url,
+        explicit=bool(given),
+    )
+
+
+def billing_notice(action: FinishAction) -> str | None:
+    """The start-up line that says, on RunPod, whether the pod stops billing when training ends."""
+    if not action.on_runpod:
+        return None
+    if action.action in ("stop", "terminate"):
+        if action.explicit:
+            return None
+        return "on RunPod: the pod stops itself when training ends (ON_FINISH=stop; ON_FINISH=sleep keeps it up)"
+    if action.explicit:
+        why, fix = f"ON_FINISH={action.action}", "set ON_FINISH=stop to stop it then"
+    else:
+        why, fix = "RUNPOD_API_KEY is not set", "set RUNPOD_API_KEY (a key with write access to pods) to stop it then"
+    return f"on RunPod: this pod keeps billing after training ends ({why}); {fix}"
 
 
 @dataclass(frozen=True)
@@ -84,6 +108,7 @@ class LaunchPlan:
 
     on_finish: OnFinish
     gpus: int
+    notice: str | None = None  # one line for the start-up log
 
 
 def visible_gpus(env: Mapping[str, str] | None = None) -> int:
@@ -104,88 +129,43 @@ def launch_plan(
     """Validate everything a launch depends on, so a mistake ends in one line now and not after hours of training.
 
     Checks ON_FINISH and the RunPod variables it needs, the experiment and its overrides (with the CLI's own
-    messages), and the GPUs: with none visible only experiments on shipped miniature models (asset://) train,
-    unless ALLOW_CPU=1.
+    messages), the budget (MAX_HOURS, MAX_COST_USD and a price to count against), and the GPUs: with none
+    visible only experiments on shipped miniature models (asset://) train, unless ALLOW_CPU=1.
     """
     from tiny_audio.cli import load_experiment  # the CLI's messages for a missing or wrong EXP
+    from tiny_audio.cost import check_budget
 
     env = os.environ if env is None else env
     action = finish_action_from_env(env)
     cfg = load_experiment(experiment, tuple(overrides))
+    check_budget(cfg.budget, env)
     gpus = visible_gpus(env)
-    miniature = all(m.startswith(SHIPPED_MODEL_SCHEME) for m in (cfg.model.encoder_id, cfg.model.decoder_id))
-    if gpus == 0 and not miniature and env.get("ALLOW_CPU") != "1":
+    if cpu_refused(cfg, gpus=gpus, env=env):
         raise UserError(
             f"no GPU visible, and experiment {cfg.experiment} would take days on CPU: on RunPod pick a GPU pod, "
             "with docker run pass --gpus all; ALLOW_CPU=1 trains on CPU anyway"
         )
-    return LaunchPlan(on_finish=action.action, gpus=gpus)
+    return LaunchPlan(on_finish=action.action, gpus=gpus, notice=billing_notice(action))
 
 
-def stop_pod(
-    *,
-    pod_id: str,
-    api_key: str,
-    api_url: str = DEFAULT_API_URL,
-    attempts: int = 5,
-    wait_s: float = 2.0,
-    timeout_s: float = 30.0,
-) -> None:
-    """Stop the pod (`POST {api_url}/pods/{pod_id}/stop`): compute billing ends, the volume stays."""
-    _call(
-        "POST", f"{api_url}/pods/{pod_id}/stop", api_key=api_key, attempts=attempts, wait_s=wait_s, timeout_s=timeout_s
-    )
+def cpu_refused(cfg: Config, *, gpus: int, env: Mapping[str, str]) -> bool:
+    """Whether training refuses this machine: no GPU, real models (the shipped miniatures, asset://, are made
+    for the CPU), and no ALLOW_CPU=1."""
+    return gpus == 0 and not cfg.is_miniature and env.get("ALLOW_CPU") != "1"
 
 
-def terminate_pod(
-    *,
-    pod_id: str,
-    api_key: str,
-    api_url: str = DEFAULT_API_URL,
-    attempts: int = 5,
-    wait_s: float = 2.0,
-    timeout_s: float = 30.0,
-) -> None:
-    """Terminate (delete) the pod (`DELETE {api_url}/pods/{pod_id}`)."""
-    _call("DELETE", f"{api_url}/pods/{pod_id}", api_key=api_key, attempts=attempts, wait_s=wait_s, timeout_s=timeout_s)
-
-
-def perform(action: FinishAction, *, attempts: int = 5, wait_s: float = 2.0) -> None:
+def perform(action: FinishAction, *, retry: RetryPolicy = API_RETRY) -> None:
     """Carry out a stop or terminate action; exit and sleep are the start script's to do, so nothing happens."""
     if action.action not in ("stop", "terminate"):
         return
     assert action.pod_id and action.api_key  # finish_action_from_env guarantees both
-    call = stop_pod if action.action == "stop" else terminate_pod
-    call(pod_id=action.pod_id, api_key=action.api_key, api_url=action.api_url, attempts=attempts, wait_s=wait_s)
-
-
-def _is_transient(error: BaseException) -> bool:
-    """Rate limits, server errors and dropped connections are worth retrying; other 4xx answers are not."""
-    if isinstance(error, urllib.error.HTTPError):
-        return error.code == 429 or error.code >= 500
-    return isinstance(error, urllib.error.URLError | TimeoutError | ConnectionError)
-
-
-def _call(method: str, url: str, *, api_key: str, attempts: int, wait_s: float, timeout_s: float) -> None:
-    request = urllib.request.Request(
-        url, method=method, headers={"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+    pod_action(
+        pod_id=action.pod_id,
+        action=action.action,  # type: ignore[arg-type]
+        api_key=action.api_key,
+        api_url=action.api_url,
+        retry=retry,
     )
-    retrying = Retrying(
-        stop=stop_after_attempt(attempts),
-        wait=wait_exponential(multiplier=wait_s, max=60),
-        retry=retry_if_exception(_is_transient),
-        reraise=True,
-    )
-    try:
-        for attempt in retrying:
-            with attempt, urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
-    except urllib.error.HTTPError as error:
-        body = error.read(300).decode("utf-8", "replace").strip()
-        hint = " (check RUNPOD_API_KEY)" if error.code in (401, 403) else ""
-        raise RunPodError(f"RunPod API {method} {url} answered {error.code} {error.reason}{hint}: {body}") from None
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        raise RunPodError(f"RunPod API {method} {url} unreachable after {attempts} attempts: {error}") from None
 
 
 def finished_checkpoint(checkpoints_dir: Path, *, state_file: str = TRAIN_STATE_FILE) -> Path | None:
@@ -241,16 +221,31 @@ def plan(experiment: str | None, output_dir: str | None, overrides: tuple[str, .
             "start: no GPU visible (on RunPod pick a GPU pod; with docker run pass --gpus all): training on CPU",
             err=True,
         )
+    if found.notice:
+        click.echo(f"start: {found.notice}", err=True)
     click.echo(f"{found.on_finish} {found.gpus}")
 
 
 @cli.command()
 def finish() -> None:
-    """Stop or terminate this pod as ON_FINISH says (exit and sleep do nothing here)."""
+    """Stop or terminate this pod as ON_FINISH says (exit and sleep do nothing here).
+
+    A failure is one line that says why and that the container sleeps instead (start.sh then sleeps: exiting
+    would let RunPod restart the container, and the pod would bill on unseen), and exit code 2.
+    """
     action = _or_exit(finish_action_from_env)
-    if action.action in ("stop", "terminate"):
-        click.echo(f"runpod: asking RunPod to {action.action} pod {action.pod_id}", err=True)
-    _or_exit(lambda: perform(action))
+    if action.action not in ("stop", "terminate"):
+        return
+    click.echo(f"runpod: asking RunPod to {action.action} pod {action.pod_id}", err=True)
+    try:
+        perform(action)
+    except RunPodError as error:
+        click.echo(
+            f"error: could not {action.action} pod {action.pod_id}: {error}; sleeping instead of exiting, so "
+            f"RunPod does not restart the container: {action.action} the pod in RunPod's console",
+            err=True,
+        )
+        sys.exit(error.exit_code)
 
 
 @cli.command()

@@ -20,6 +20,7 @@ class Tracker(Protocol):
 
     def log(self, metrics: dict[str, Any], *, step: int) -> None: ...
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None: ...
+    def alert(self, title: str, text: str) -> None: ...
     def finish(self) -> None: ...
 
 
@@ -33,6 +34,9 @@ class NullTracker:
         pass
 
     def log_table(self, name: str, columns: list[str], rows: list[list[Any]], *, step: int) -> None:
+        pass
+
+    def alert(self, title: str, text: str) -> None:
         pass
 
     def finish(self) -> None:
@@ -51,6 +55,12 @@ class WandbTracker:
         import wandb
 
         self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (e-mail or Slack, as the user's W&B settings say): for what someone should act on."""
+        import wandb
+
+        self.run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
 
     def finish(self) -> None:
         self.run.finish()

@@ -32,10 +32,12 @@ from tiny_audio.checkpoint import (
     write_checkpoint,
 )
 from tiny_audio.config import DEEPSPEED_DIR, Config
+from tiny_audio.cost import CostMeter, format_usd, start_meter
 from tiny_audio.data import DropReason, EvalSet, build_eval_set, build_train_stream
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
+from tiny_audio.health import EvalWatch
 from tiny_audio.hub import RetryPolicy
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
@@ -67,6 +69,8 @@ class Run:
     grad_accum: int
     output_dir: Path
     secrets: list[str]
+    meter: CostMeter  # hours and dollars spent, the budget (tiny_audio.cost)
+    watch: EvalWatch  # the eval loss's trend: when to think about cancelling (tiny_audio.health)
     step: int = 0
     bad_steps: int = 0
     skipped_steps: int = 0
@@ -175,6 +179,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     is_main = accelerator.is_main_process
     if is_main:
         resolve_mode(cfg.tracking)  # online W&B without a key: an error now, not after loading the models
+    meter = start_meter(cfg.budget, ask_runpod=is_main)  # the price, read once, before any download
     secrets = [token] if token else []
     grad_accum = gradient_accumulation(cfg, accelerator.num_processes)
     if is_main:
@@ -244,8 +249,12 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         grad_accum=grad_accum,  # type: ignore[arg-type]
         output_dir=output_dir,
         secrets=secrets,
+        meter=meter,
+        watch=EvalWatch(cfg.health),
     )
     run_id = resume(run) if t.resume else None
+    if is_main:
+        log.info(meter.describe())
     run.tracker = start_tracker(
         cfg.tracking,
         run_id=run_id,
@@ -325,6 +334,8 @@ def resume(run: Run) -> str | None:
     run.step = int(train_state["step"])
     run.metrics = dict(train_state.get("metrics", {}))
     run.best_wer = train_state.get("best_wer")
+    run.meter.load_state_dict(train_state.get("billing"))
+    run.watch.load_state_dict(train_state.get("health"))
     log.info("resumed from %s at step %d", directory, run.step)
     return train_state.get("tracker_run_id")
 
@@ -346,8 +357,14 @@ def train_loop(run: Run) -> int:
 
     if t.eval_at_start and run.step == 0 and run.eval_set:
         run_eval(run)  # the baseline the curves start from (a resumed run has it already)
+    # A restarted container past its budget ends at once, as done (a fresh run trains to its first logged step,
+    # so there is a checkpoint to resume when the budget is raised).
+    ending = end_early(run, run.meter.reached()) if run.step > 0 else None
+    if ending:
+        log.info("%s: not training; the checkpoint of step %d stands", ending, run.step)
+        return 0
     stopping = False
-    while run.step < t.max_steps and not stopping:
+    while run.step < t.max_steps and not stopping and not ending:
         # -- data: every micro-batch of the step, so the loss can be normalised by the step's label tokens
         t0 = time.perf_counter()
         micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
@@ -392,24 +409,46 @@ def train_loop(run: Run) -> int:
             }
             if float(aux_sum):
                 metrics["train/aux_loss"] = float(aux_sum) / steps
-            metrics |= projector_metrics(raw) | stream_metrics(run.stream)
+            metrics |= projector_metrics(raw) | stream_metrics(run.stream) | run.meter.metrics()
+            run.watch.note_train_loss(metrics["train/loss"])
             if acc.is_main_process:
-                log.info(format_step(run.step, t.max_steps, metrics, seconds_per_step=train_time / steps))
+                eta = (t.max_steps - run.step) * train_time / steps
+                money = (run.meter.usd(), run.meter.projected_usd(eta))
+                log.info(format_step(run.step, t.max_steps, metrics, seconds_per_step=train_time / steps, usd=money))
                 append_metrics(run.output_dir, run.step, metrics)
             run.tracker.log(metrics, step=run.step)
             loss_sum.zero_(), token_count.zero_(), aux_sum.zero_()
             samples, steps, data_wait, train_time = 0, 0, 0.0, 0.0
+            ending = end_early(run, run.meter.reached())
 
         # -- evaluate and checkpoint
         if run.eval_set and (run.step % t.eval_steps == 0 or run.step == t.max_steps):
-            run_eval(run)
+            warning = run.watch.observe(run.step, run_eval(run).loss)
+            if warning and acc.is_main_process:
+                log.warning(warning)
+                run.tracker.alert("tiny-audio: consider cancelling this run", warning)
+            stop_here = warning is not None and cfg.health.stop_on_warning
+            ending = ending or end_early(run, "health warning (health.stop_on_warning)" if stop_here else None)
         # (a periodic save is left out while updates are being skipped: the last good checkpoint stays the newest)
         periodic = run.step % t.save_steps == 0 and run.bad_steps == 0
         stopping = stop_agreed(run)
-        if periodic or run.step == t.max_steps or stopping:
+        if ending and run.step < t.max_steps:
+            log.info("%s: saving, uploading and ending the run at step %d as done", ending, run.step)
+        if periodic or run.step == t.max_steps or stopping or ending:
             save(run, final=run.step >= t.max_steps)
 
     return EXIT_STOPPED if stopping and run.step < t.max_steps else 0
+
+
+def end_early(run: Run, reason: str | None) -> str | None:
+    """The main process's reason to end the run as done before max_steps (a budget reached; a health warning
+    when health.stop_on_warning), the same on every rank: the main process's clock decides, and every rank
+    stops after the same step, or the ones that went on would wait forever for the others."""
+    if run.accelerator.num_processes == 1:
+        return reason
+    box = [reason]
+    broadcast_object_list(box)
+    return box[0]
 
 
 def stop_agreed(run: Run) -> bool:
@@ -505,12 +544,22 @@ def append_metrics(output_dir: Path, step: int, metrics: dict[str, float]) -> No
         f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
-def format_step(step: int, max_steps: int, m: dict[str, float], *, seconds_per_step: float) -> str:
-    """`Step 25/20000 | Loss: 8.34 | Grad Norm: 45.2 | LR: 1e-4 | ETA: 20hr | 12.3 samples/s` (the course's line)."""
+def format_step(
+    step: int,
+    max_steps: int,
+    m: dict[str, float],
+    *,
+    seconds_per_step: float,
+    usd: tuple[float | None, float | None] = (None, None),
+) -> str:
+    """`Step 25/20000 | Loss: 8.34 | Grad Norm: 45.2 | LR: 1e-04 | ETA: 14hr | $6.20 of ~$11.40 | 12.3 samples/s`:
+    the course's line, with the dollars spent so far and those projected at the end when the price is known."""
     eta = (max_steps - step) * seconds_per_step
+    spent, projected = usd
+    money = f"{format_usd(spent)} of ~{format_usd(projected)} | " if spent is not None and projected is not None else ""
     return (
         f"Step {step}/{max_steps} | Loss: {m['train/loss']:.2f} | Grad Norm: {m['train/grad_norm']:.1f} | "
-        f"LR: {m['train/lr']:.0e} | ETA: {format_duration(eta)} | {m['train/samples_per_s']:.1f} samples/s"
+        f"LR: {m['train/lr']:.0e} | ETA: {format_duration(eta)} | {money}{m['train/samples_per_s']:.1f} samples/s"
     )
 
 
@@ -599,6 +648,8 @@ def _save(run: Run, *, final: bool) -> None:
         "best_wer": run.best_wer,
         "final": final,
         "experiment": run.cfg.experiment,
+        "billing": run.meter.state_dict(),
+        "health": run.watch.state_dict(),
     }
 
     def write(directory: Path) -> None:
