@@ -139,6 +139,8 @@ def test_help_documents_every_environment_variable() -> None:
     for name in ("EXP", "HF_TOKEN", "HUB_MODEL_ID", "OUTPUT_DIR", "WANDB_API_KEY", "HF_HOME", "ON_FINISH"):
         assert name in result.output
     assert "143" in result.output  # the exit code after a signal
+    assert "#environment-variables" in result.output  # the one table, in the README
+    assert "## Environment variables" in (ROOT / "README.md").read_text()
 
 
 def test_entrypoint_and_console_script_are_the_same_app() -> None:

@@ -21,19 +21,9 @@ from tiny_audio.errors import UserError
 
 ENVIRONMENT_HELP = """
 \b
-Environment (or a .env file in the working directory):
-  EXP              experiment: a name in configs/experiments (mlp, mosa, moe, tiny, ...) or a YAML path
-  HF_TOKEN         Hugging Face token; needed to push checkpoints or read private/gated repos
-  HUB_MODEL_ID     checkpoint target, overrides training.hub_model_id: user/name or file:///abs/path
-  OUTPUT_DIR       where a run writes (default /workspace/outputs/EXP, or ./outputs/EXP without /workspace)
-  WANDB_API_KEY    W&B key: runs are tracked online with it, offline without it (never a prompt)
-  WANDB_PROJECT    overrides tracking.project; WANDB_ENTITY overrides tracking.entity
-  HF_HOME          Hugging Face cache (models are downloaded once per volume)
-  ON_FINISH        what the container does when training ends: exit, sleep, stop, terminate (see README)
-  HF_ENDPOINT      another Hub-compatible server (a mirror, or the tests' local Hub)
-  NUM_PROCESSES    training processes (default: one per visible GPU); NUM_MACHINES, MACHINE_RANK,
-                   MAIN_PROCESS_IP, MAIN_PROCESS_PORT for several machines
-  TINY_AUDIO_WORLD_SIZE  processes the launcher started (set by the image): fewer joining is an error
+Settings come from the environment or a .env file in the working directory: EXP (required), HF_TOKEN,
+HUB_MODEL_ID, OUTPUT_DIR, WANDB_API_KEY, HF_HOME, ON_FINISH, MAX_HOURS, MAX_COST_USD and more. Every variable,
+with its default: the README's table, https://github.com/tiny-audio/tiny-audio#environment-variables
 \b
 Exit codes: 0 done | 2 a mistake to fix (message says how) | 143 stopped by a signal after saving a
 checkpoint | 130 a second signal cut the stop short
