@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The experiment and DeepSpeed configs: inside the package when installed from a wheel (tiny_audio/configs),
+    in the repository's top-level configs/ for a checkout or an editable install (the image's)."""
+    package = Path(__file__).resolve().parent
+    shipped = package / "configs"
+    return shipped if (shipped / "experiments").is_dir() else package.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 EXPERIMENTS_DIR = CONFIG_DIR / "experiments"
 DEEPSPEED_DIR = CONFIG_DIR / "deepspeed"
 
@@ -93,7 +102,8 @@ class SourceConfig(Section):
     split: str = "train"
     """Split to stream."""
     data_files: list[str] | None = None
-    """Files or glob patterns (local or hf://); relative paths resolve against the experiment file's folder."""
+    """Files or glob patterns: local, hf://, or asset://<name> for data shipped in the package; relative paths
+    resolve against the experiment file's folder."""
     revision: str | None = None
     """Hub revision of the data set."""
     audio_column: str = "audio"

@@ -179,7 +179,9 @@ def check_location(report: Report, ref: str, *, kind: str, token: str | None) ->
 
 
 def check_source(report: Report, source: SourceConfig, *, token: str | None) -> None:
-    local = [f for f in source.data_files or [] if "://" not in f]
+    from tiny_audio.assets import resolve_asset
+
+    local = [resolve_asset(f) for f in source.data_files or [] if "://" not in resolve_asset(f)]
     for pattern in local:
         if not glob.glob(pattern):
             report.problems.append(f"data file pattern {pattern} matches no file")

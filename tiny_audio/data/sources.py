@@ -17,6 +17,7 @@ import datasets
 import fsspec
 import pyarrow as pa
 
+from tiny_audio.assets import resolve_asset
 from tiny_audio.config import SourceConfig
 from tiny_audio.data.order import Cursor, block_order, shard_order
 from tiny_audio.errors import UserError
@@ -187,11 +188,11 @@ class ShardedSource:
             yield block
 
 
-def _is_local(config: SourceConfig) -> bool:
-    if os.path.isdir(config.path):
+def _is_local(path: str, data_files: list[str] | None) -> bool:
+    if os.path.isdir(path):
         return True
-    files = config.data_files or []
-    return bool(files) and config.path in _PACKAGED_BUILDERS and all("://" not in f for f in files)
+    files = data_files or []
+    return bool(files) and path in _PACKAGED_BUILDERS and all("://" not in f for f in files)
 
 
 _PACKAGED_BUILDERS = {"parquet", "arrow", "csv", "json", "text", "audiofolder", "webdataset"}
@@ -206,14 +207,15 @@ def describe(config: SourceConfig) -> str:
 
 def open_source(config: SourceConfig, *, label: str) -> ShardedSource:
     """Open one configured source for streaming (resolves its files; reads no data yet)."""
-    remote = not _is_local(config)
+    data_files = [resolve_asset(f) for f in config.data_files] if config.data_files else None
+    remote = not _is_local(config.path, data_files)
 
     def load() -> datasets.IterableDataset:
         return datasets.load_dataset(
             config.path,
             name=config.name,
             split=config.split,
-            data_files=config.data_files,
+            data_files=data_files,
             revision=config.revision,
             streaming=True,
         )
