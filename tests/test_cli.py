@@ -19,7 +19,8 @@ from tiny_audio import hub
 from tiny_audio.cli import app
 from tiny_audio.config import load_config
 from tiny_audio.errors import UserError
-from tiny_audio.model.loading import TOWER_PREFIXES, build_model, resolve_model_path
+from tiny_audio.model.encoder import TOWER_PREFIXES
+from tiny_audio.model.loading import build_model, resolve_model_path
 from tiny_audio.preflight import preflight
 
 ROOT = Path(__file__).resolve().parents[1]

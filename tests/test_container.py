@@ -2,8 +2,8 @@
 
 The base image is made here (mmdebstrap of Debian bookworm, whose python3 is the 3.11 of the CPU torch wheel in
 the wheel folder pip's configuration names), so nothing is pulled from an image registry: the build reaches only
-the Debian mirror and the Python package index (see /work/shared/CONTAINERS.md). The image is built, pushed and
-pulled through the Makefile's own targets.
+the Debian mirror and the Python package index (docs/image.md says how podman is set up here). The image is
+built, pushed and pulled through the Makefile's own targets.
 
 Under CI=true a missing tool is a failure, elsewhere a skip. TINY_AUDIO_CONTAINER_DIR names a directory to keep
 podman's store in between runs (base image and layer cache survive); by default every session starts empty, so
@@ -48,7 +48,7 @@ FIGURES: dict[str, float] = {}
 
 
 class Podman:
-    """podman with a private store and the settings this kernel needs (CONTAINERS.md), as argv and environment."""
+    """podman with a private store and the settings docs/image.md lists (runc, ulimits), as argv and environment."""
 
     def __init__(self, work: Path, name: str = "store") -> None:
         self.work = work

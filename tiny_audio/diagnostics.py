@@ -18,9 +18,9 @@ from torch import nn
 from tiny_audio.config import Config
 from tiny_audio.data import build_eval_set
 from tiny_audio.errors import UserError
-from tiny_audio.model.encoder import AudioEncoder, load_encoder
+from tiny_audio.model.encoder import TOWER_PREFIXES, AudioEncoder, load_encoder
 from tiny_audio.model.features import LogMel
-from tiny_audio.model.loading import TOWER_PREFIXES, resolve_model_path
+from tiny_audio.model.loading import resolve_model_path
 from tiny_audio.precision import Precision
 
 log = logging.getLogger("tiny_audio")

@@ -7,6 +7,7 @@ key mappings below select only the tower's weights, so the 1.5B LLM beside it is
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -17,11 +18,20 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from tiny_audio.errors import UserError
 
-# Checkpoint key prefixes of the tower inside the full speech-LLM (on disk, or as the model names them in memory).
-_KEY_MAPPINGS = {
-    "glmasr": {r"^(model\.)?audio_tower\.": ""},
-    "whisper": {r"^model\.encoder\.": ""},
+# Where each encoder's tower sits inside its full speech-LLM checkpoint: the key prefixes on disk and as the model
+# names them in memory. Only these tensors are fetched (hub.download_model_part) and loaded (key mapping below).
+TOWER_PREFIXES: dict[str, tuple[str, ...]] = {
+    "glmasr": ("audio_tower.", "model.audio_tower."),
+    "whisper": ("model.encoder.",),
 }
+
+
+def tower_key_mapping(kind: Literal["glmasr", "whisper"]) -> dict[str, str]:
+    """transformers' `key_mapping` that strips the tower's prefix, so a tower class loads it from the full model."""
+    alternatives = "|".join(re.escape(prefix) for prefix in sorted(TOWER_PREFIXES[kind], key=len, reverse=True))
+    return {f"^(?:{alternatives})": ""}
+
+
 WHISPER_FRAMES = 3000  # Whisper's position table covers exactly 30 s of 10 ms frames
 
 
@@ -87,7 +97,7 @@ def load_encoder(
     tower_class = GlmAsrEncoder if kind == "glmasr" else WhisperEncoder
     tower, info = tower_class.from_pretrained(
         str(path),
-        key_mapping=_KEY_MAPPINGS[kind],
+        key_mapping=tower_key_mapping(kind),
         output_loading_info=True,
         attn_implementation=attn_implementation,
         dtype=dtype,

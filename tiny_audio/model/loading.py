@@ -10,12 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.config import Config
 from tiny_audio.model.asr import ASRModel, PromptBuilder
-from tiny_audio.model.encoder import load_encoder
+from tiny_audio.model.encoder import TOWER_PREFIXES, load_encoder
 from tiny_audio.model.projectors import build_projector
 from tiny_audio.model.sharding import full_numel, gathered
-
-# Where each encoder's tower sits inside its full speech-LLM checkpoint on the Hub: only those tensors are fetched.
-TOWER_PREFIXES = {"glmasr": ("audio_tower.", "model.audio_tower."), "whisper": ("model.encoder.",)}
 
 
 def resolve_model_path(

@@ -22,8 +22,11 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-# What turns the checkpoint's `audio_tower.*` keys into a bare GlmAsrEncoder's keys (see ENVIRONMENT.md).
-TOWER_KEY_MAPPING = {r"^(model\.)?audio_tower\.": ""}
+from tiny_audio.model.encoder import tower_key_mapping
+
+# Turns the checkpoint's `audio_tower.*` keys into a bare GlmAsrEncoder's (loaded alone, the encoder would
+# silently come back random: transformers fills tensors it cannot find and only logs it).
+TOWER_KEY_MAPPING = tower_key_mapping("glmasr")
 NUM_MEL_BINS = 128
 # The language model inside the GLM-ASR checkpoint is never used; it only has to exist and be tiny.
 _STUB_TEXT_CONFIG = {
