@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import fsspec
@@ -21,13 +20,12 @@ from tiny_audio.assets import resolve_asset
 from tiny_audio.config import SourceConfig
 from tiny_audio.data.order import Cursor, block_order, shard_order
 from tiny_audio.errors import UserError
+from tiny_audio.retry import RetryPolicy, retry_call
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-READ_ATTEMPTS = 5
-"""Tries for one read of a remote source before its error is raised (transient network errors only)."""
+READ_RETRY = RetryPolicy(attempts=5, initial_s=2.0, max_s=30.0)
+"""How hard one read of a remote source is tried before its error is raised (transient network errors only)."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -40,27 +38,6 @@ def _is_transient(exc: BaseException) -> bool:
         return status == 429 or status >= 500
     # httpx-style client errors (connect/read failures, timeouts) without importing a particular HTTP client
     return any(cls.__name__ in ("TransportError", "TimeoutException") for cls in type(exc).__mro__)
-
-
-def _with_retries(what: str, call: Callable[[], T]) -> T:
-    for attempt in range(1, READ_ATTEMPTS + 1):
-        try:
-            return call()
-        except Exception as exc:
-            if attempt == READ_ATTEMPTS or not _is_transient(exc):
-                raise
-            delay = min(2.0**attempt, 30.0)
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d in %.0f s",
-                what,
-                type(exc).__name__,
-                exc,
-                attempt,
-                READ_ATTEMPTS - 1,
-                delay,
-            )
-            time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 class ArrowBlock:
@@ -154,28 +131,32 @@ class ShardedSource:
         return iter(ds.with_format("arrow").iter(batch_size=block_rows))
 
     def blocks(self, shard: int, start_row: int, block_rows: int) -> Iterator[ArrowBlock]:
-        """Blocks of `block_rows` rows of one shard from `start_row` on (the last may be shorter)."""
-        row, failures = start_row, 0
+        """Blocks of `block_rows` rows of one shard from `start_row` on (the last may be shorter).
+
+        A remote read that fails for a while is retried (READ_RETRY), reopening the shard at the first row not
+        yet handed out.
+        """
+        row = start_row
         tables: Iterator[pa.Table] | None = None
-        while True:
+
+        def next_table() -> pa.Table | None:
+            nonlocal tables
             try:
                 if tables is None:
                     tables = self._open(shard, row, block_rows)
-                table = next(tables, None)
-            except Exception as exc:
-                failures += 1
-                if not self.remote or not _is_transient(exc) or failures >= READ_ATTEMPTS:
-                    raise
-                delay = min(2.0**failures, 30.0)
-                log.warning(
-                    "reading %s shard %d at row %d failed (%s); retry in %.0f s", self.label, shard, row, exc, delay
-                )
-                time.sleep(delay)
-                tables = None  # reopen at the first row not yet handed out
-                continue
+                return next(tables, None)
+            except Exception:
+                tables = None
+                raise
+
+        while True:
+            if self.remote:
+                what = f"reading {self.label} shard {shard} at row {row}"
+                table = retry_call(next_table, what=what, policy=READ_RETRY, is_transient=_is_transient, logger=log)
+            else:
+                table = next_table()
             if table is None:
                 return
-            failures = 0
             block = ArrowBlock(
                 table,
                 label=self.label,
@@ -221,7 +202,11 @@ def open_source(config: SourceConfig, *, label: str) -> ShardedSource:
         )
 
     try:
-        ds = _with_retries(f"opening data source {label}", load) if remote else load()
+        if remote:
+            what = f"opening data source {label}"
+            ds = retry_call(load, what=what, policy=READ_RETRY, is_transient=_is_transient, logger=log)
+        else:
+            ds = load()
     except (FileNotFoundError, ValueError) as exc:
         raise UserError(f"data source {label} ({describe(config)}) cannot be opened: {exc}") from None
     if not isinstance(ds, datasets.IterableDataset):
