@@ -9,7 +9,7 @@ EXP ?= mini
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
 UV_FLAGS := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),)
 
-.PHONY: help setup constraints train check test test-all lint format bench bench-data clean build-image run-image push-image
+.PHONY: help setup constraints train check test test-slow test-container test-all lint format bench bench-data clean build-image run-image push-image
 
 help:  ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ check: setup  ## validate EXP's config and environment, download nothing
 
 test: setup  ## the default test suite (~2 min on 2 cores; never touches the network)
 	$(BIN)/python -m pytest -q
+
+test-slow: setup  ## the slow tests: end-to-end runs, several processes, the real-size rehearsal (CI runs them)
+	$(BIN)/python -m pytest -q -m slow --durations=10
+
+test-container: setup  ## build, run and push the real image with podman (CI runs them; needs podman, see docs/image.md)
+	$(BIN)/python -m pytest -q -m container --durations=10
 
 test-all: setup  ## every test, the container build and the slow runs included
 	$(BIN)/python -m pytest -q -m ""
