@@ -25,9 +25,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # Package versions differ between the Ubuntu (CUDA) and Debian (test) bases, so apt packages cannot be pinned to
 # one version here; the base image itself is pinned by tag, and the Python tools below by version.
+# g++ and python3-dev are what torch.compile needs at run time (training.compile): Triton builds its GPU launcher
+# with the C compiler against Python's headers, and Inductor's CPU kernels are C++ built with g++.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ tini ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV"
 

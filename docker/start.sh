@@ -24,6 +24,9 @@ export TINY_AUDIO_STARTED_AT="${TINY_AUDIO_STARTED_AT:-$(date +%s)}"
 if [[ -d /workspace ]]; then
   export HF_HOME="${HF_HOME:-/workspace/.cache/huggingface}"
   export WANDB_DIR="${WANDB_DIR:-/workspace}"
+  # torch.compile's kernels (training.compile): compiled once per volume, reused by every restart
+  export TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-/workspace/.cache/torchinductor}"
+  export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-/workspace/.cache/triton}"
 fi
 
 case "${1:-}" in

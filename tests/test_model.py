@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
+from tiny_audio.compile import compiled_graphs
 from tiny_audio.config import load_config
 from tiny_audio.model import asr as asr_module
 from tiny_audio.model.asr import IGNORE, ASRModel
@@ -227,7 +228,7 @@ def test_compiled_parts_give_the_eager_loss_and_gradients(tiny_model_dirs: tuple
     cfg = load_config("tiny", [f"model.encoder_id={encoder}", f"model.decoder_id={decoder}", "projector.hidden_dim=32"])
     model = build_model(cfg, device=torch.device("cpu"))
     keys = set(model.projector.state_dict())
-    results = []
+    results, graphs = [], []
     for compiled in (False, True):
         if compiled:
             model.compile_parts(dynamic=True)
@@ -236,6 +237,8 @@ def test_compiled_parts_give_the_eager_loss_and_gradients(tiny_model_dirs: tuple
             out = model(audio, lengths, [*TEXTS, "one more"][: len(seconds)])
             grads = torch.autograd.grad(out.loss_sum, list(model.projector.parameters()))
             results.append((out.loss_sum.detach(), grads))
+            graphs.append(compiled_graphs())
+    assert graphs[0] == graphs[1] < graphs[2] == graphs[3]  # compiled for real, and not again for the new shape
     for (eager_loss, eager_grads), (loss, grads) in zip(results[:2], results[2:], strict=True):
         torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
         for a, b in zip(grads, eager_grads, strict=True):

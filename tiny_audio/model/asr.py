@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
+from tiny_audio.compile import compile_forward
 from tiny_audio.model.encoder import AudioEncoder
 from tiny_audio.model.features import LogMel
 from tiny_audio.model.sharding import gathered
@@ -118,12 +119,14 @@ class ASRModel(nn.Module):
         decoder.eval()
 
     def compile_parts(self, *, dynamic: bool = True) -> None:
-        """torch.compile the projector and the decoder body in place (`Module.compile`: no `_orig_mod.` prefix
-        in state dicts, and the calls `forward` makes - `decoder.base_model`, the projector - are the compiled
-        ones). dynamic=True: one graph serves every bucketed batch length instead of one recompile per shape.
-        """
-        self.projector.compile(dynamic=dynamic)
-        self.decoder.base_model.compile(dynamic=dynamic)
+        """torch.compile the projector and the decoder body in place (tiny_audio.compile.compile_forward: their
+        state-dict keys are unchanged, and the calls `forward` makes are the compiled ones). dynamic=True: one
+        graph serves every bucketed batch length instead of one recompile per shape."""
+        for module in self.compiled_parts():
+            compile_forward(module, dynamic=dynamic)
+
+    def compiled_parts(self) -> list[nn.Module]:
+        return [self.projector, self.decoder.base_model]
 
     def train(self, mode: bool = True) -> ASRModel:
         # Only the projector ever trains; the frozen parts keep dropout off.
