@@ -118,6 +118,20 @@ class SourceConfig(Section):
     """Lower-case transcripts of this source."""
 
 
+class SpecAugmentConfig(Section):
+    enabled: bool = True
+    """Mask random stretches of time and bands of frequency in the log-mel features while training (never in
+    evaluation or generation), as the course's trainer does."""
+    time_masks: int = Field(2, ge=0)
+    """Time masks per clip."""
+    time_mask_frames: int = Field(100, ge=0)
+    """Longest time mask, in 10 ms frames (100: one second)."""
+    freq_masks: int = Field(2, ge=0)
+    """Frequency masks per clip."""
+    freq_mask_bins: int = Field(27, ge=0)
+    """Widest frequency mask, in mel bins (of 128)."""
+
+
 class DataConfig(Section):
     train: list[SourceConfig] = Field(
         default_factory=lambda: [
@@ -162,6 +176,9 @@ class DataConfig(Section):
     """Threads decoding and resampling audio ahead of the training step."""
     prefetch_batches: int = Field(8, ge=1)
     """Batches decoded ahead of the step."""
+    spec_augment: SpecAugmentConfig = Field(default_factory=SpecAugmentConfig)
+    """SpecAugment on the training features (the course's 2 time masks of up to 100 frames, 2 frequency masks of
+    up to 27 bins); the masks come from the run's seeded RNG, so a resumed run draws the same ones."""
 
 
 class TrainingConfig(Section):

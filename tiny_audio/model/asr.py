@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from tiny_audio.compile import compile_forward
+from tiny_audio.model.augment import SpecAugment
 from tiny_audio.model.encoder import AudioEncoder
 from tiny_audio.model.features import LogMel
 from tiny_audio.model.sharding import gathered
@@ -105,9 +106,11 @@ class ASRModel(nn.Module):
         decoder: PreTrainedModel,
         prompt: PromptBuilder,
         encoder_padding: Literal["batch", "window"] = "batch",
+        spec_augment: SpecAugment | None = None,
     ) -> None:
         super().__init__()
         self.encoder_padding = encoder_padding  # see ModelConfig.encoder_padding
+        self.spec_augment = spec_augment  # applied in training mode only
         self.encoder = encoder
         self.feature_extractor = extractor  # its settings are saved with every checkpoint
         self.log_mel = LogMel(extractor=extractor)
@@ -147,11 +150,16 @@ class ASRModel(nn.Module):
 
         `batch` padding: T_mel covers the batch's longest clip and padded frames are zero. `window`: every clip is
         padded to 30 s and its log-mel taken over the whole window, as Whisper's feature extractor (GLM-ASR's
-        processor) does, so the padding carries the clip's silence floor instead of zeros.
+        processor) does, so the padding carries the clip's silence floor instead of zeros. In training mode,
+        SpecAugment's masks are applied (data.spec_augment).
         """
         if self.encoder_padding == "window":
-            return self.log_mel.windowed(audio, lengths)
-        return self.log_mel(audio, lengths)
+            features, frame_lengths = self.log_mel.windowed(audio, lengths)
+        else:
+            features, frame_lengths = self.log_mel(audio, lengths)
+        if self.training and self.spec_augment is not None:
+            features = self.spec_augment(features, frame_lengths)
+        return features, frame_lengths
 
     def encode_features(self, features: torch.Tensor, frame_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log-mel [B, n_mels, T_mel] -> frozen encoder states [B, T_enc, C] + valid frames per clip [B]."""

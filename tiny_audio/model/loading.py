@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from tiny_audio.assets import SCHEME as ASSET_SCHEME
 from tiny_audio.config import Config
 from tiny_audio.model.asr import ASRModel, PromptBuilder
+from tiny_audio.model.augment import SpecAugment
 from tiny_audio.model.encoder import TOWER_PREFIXES, load_encoder
 from tiny_audio.model.projectors import build_projector
 from tiny_audio.model.sharding import full_numel, gathered
@@ -85,8 +86,21 @@ def build_model(
         decoder=decoder,
         prompt=prompt,
         encoder_padding=m.encoder_padding,
+        spec_augment=spec_augment(cfg),
     )
     return model.to(device)
+
+
+def spec_augment(cfg: Config) -> SpecAugment | None:
+    augment = cfg.data.spec_augment
+    if not augment.enabled:
+        return None
+    return SpecAugment(
+        time_masks=augment.time_masks,
+        time_mask_frames=augment.time_mask_frames,
+        freq_masks=augment.freq_masks,
+        freq_mask_bins=augment.freq_mask_bins,
+    )
 
 
 def parameter_report(model: ASRModel) -> list[tuple[str, int, int]]:
