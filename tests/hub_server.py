@@ -20,7 +20,6 @@ Endpoints answered ({kind} is `models` or `datasets`; {prefix} is empty for mode
     POST /api/validate-yaml                              README metadata check (always valid)
     GET  /api/{kind}/{repo}[/revision/{rev}]             repo info: sha + siblings
     GET  /api/{kind}/{repo}/tree/{rev}[/{path}]          tree listing (recursive or not)
-    POST /api/{kind}/{repo}/paths-info/{rev}             info on the given paths (files and folders)
     POST /api/models/{repo}/preupload/{rev}              upload modes: "regular", or "lfs" for large files
     POST /api/models/{repo}/commit/{rev}                 NDJSON commit: file, lfsFile, deletedFile, deletedFolder
     HEAD/GET /{prefix}{repo}/resolve/{rev}/{path}        file metadata / content (GET: a `Range: bytes=a-b` too);
@@ -377,8 +376,6 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     return self._info(repo_id, repo, rest[1] if len(rest) > 1 else "main")
                 if rest[0] == "tree" and len(rest) >= 2:
                     return self._tree(repo, rest[1], "/".join(rest[2:]), query.get("recursive") in ("True", "true"))
-                if rest[0] == "paths-info" and len(rest) == 2 and self.command == "POST":
-                    return self._paths_info(repo, rest[1], parse_qs(body.decode()).get("paths", []))
                 if rest[0] == "preupload" and self.command == "POST":
                     return self._preupload(repo, json.loads(body))
                 if rest[0] == "commit" and self.command == "POST":
@@ -455,19 +452,6 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             if prefix and not entries:
                 return self._error(404, "EntryNotFound", f"{prefix} does not exist")
             return self._send(200, list(entries.values()))
-
-        def _paths_info(self, repo: Repo, revision: str, paths: list[str]) -> None:
-            commit = repo.at(revision)
-            if commit is None:
-                return self._error(404, "RevisionNotFound", "Invalid rev id")
-            found = []
-            for path in paths:
-                path = path.strip("/")
-                if path in commit.files:
-                    found.append(self._entry(path, commit.files[path]))
-                elif not path or any(p.startswith(f"{path}/") for p in commit.files):
-                    found.append({"type": "directory", "oid": "0" * 40, "path": path})
-            return self._send(200, found)
 
         def _preupload(self, repo: Repo, payload: dict[str, Any]) -> None:
             files = []

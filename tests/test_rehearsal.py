@@ -234,6 +234,7 @@ def weight_transfers(hub: HubServer, since: int) -> list:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # four processes at real widths (~3-4 minutes on 2 busy cores), the first builds the repos
 @pytest.mark.parametrize("experiment", ["mlp", "mosa", "moe"])
 def test_the_shipped_recipe_trains_stops_resumes_and_serves_on_the_real_repositories(
     experiment: str, hub: HubServer, real_repos: dict[str, Path], tmp_path: Path
