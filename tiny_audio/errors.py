@@ -1,4 +1,10 @@
-"""Errors a user can cause: the CLI prints them as one line and exits with code 2, no traceback."""
+"""Errors a user can cause: the CLI prints them as one line and exits with their code, no traceback.
+
+Exit code 2: a mistake to fix (config, token, a full or read-only volume, ...). Errors the code causes keep
+their traceback (exit 1).
+"""
+
+from __future__ import annotations
 
 
 class UserError(Exception):
@@ -9,3 +15,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """The experiment configuration is invalid."""
+
+
+class DiskFull(UserError):
+    """The volume (or a quota) has no room for what the run must write; the message names the folder, the free
+    space and what was needed. Exit code 2: free space or use a larger volume."""
