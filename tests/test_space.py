@@ -1,8 +1,8 @@
-"""A full volume, a read-only one: one line each, nothing lost; a long wait shows progress.
+"""A full volume, a read-only one, an out-of-memory GPU: one line each, nothing lost; a long wait shows progress.
 
 The volumes are real small file systems (tmpfs, mounted as root or through passwordless sudo), so ENOSPC comes
-from the kernel. The disk fills in the middle of an in-process run of the real command line, at a chosen
-projector forward, through a module forward hook.
+from the kernel. The disk fills (or the GPU runs out of memory) in the middle of an in-process run of the real
+command line, at a chosen projector forward, through a module forward hook.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from tiny_audio.checkpoint import RESUME_DIR, verify_checkpoint
 from tiny_audio.cli import app
 from tiny_audio.config import load_config
 from tiny_audio.data import build_eval_set, build_train_stream
-from tiny_audio.errors import DiskFull
+from tiny_audio.errors import EXIT_OUT_OF_MEMORY, DiskFull, OutOfGpuMemory
 from tiny_audio.model.projectors.mlp import MLPProjector
 from tiny_audio.space import KNOWN_DOWNLOAD_BYTES, checkpoint_bytes, free_bytes, plan_space
 
@@ -435,3 +435,56 @@ def test_the_first_data_reports_rows_read_while_it_waits(
     waits = [m for m in caplog.messages if m.startswith("data: waiting for the first training batch, ")]
     assert waits and all(re.search(r", [\d,]+ rows read so far \(0 s\)$", m) for m in waits), waits
     assert len(caplog.messages) == first  # the next batches are not announced
+
+
+# --- out of GPU memory -------------------------------------------------------------------------------------
+
+
+def test_out_of_memory_at_a_step_is_one_line_with_its_own_exit_code(tmp_path: Path) -> None:
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    out = tmp_path / "out"
+    with AtProjectorCall(3, out_of_memory):
+        result = train(out, "training.max_steps=6", "training.save_steps=2")
+    line = one_error_line(result, code=EXIT_OUT_OF_MEMORY)
+    assert line == (
+        "error: out of GPU memory at step 3 with a micro-batch of 8: set training.batch_size=4 and "
+        "training.global_batch_size=8 to keep the global batch of 8 (2 micro-batches per step); the last "
+        "checkpoint step-00000002 is intact and a restart resumes from it"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    verify_checkpoint(out / "checkpoints" / "step-00000002" / RESUME_DIR)
+
+
+def test_the_help_documents_the_out_of_memory_exit_code() -> None:
+    result = CliRunner().invoke(app, ["train", "--help"], prog_name="tiny-audio")
+    assert result.exit_code == 0
+    assert f"| {EXIT_OUT_OF_MEMORY} out of" in result.output and "GPU memory" in result.output
+
+
+@pytest.mark.parametrize(
+    ("micro", "global_batch", "processes", "fix"),
+    [
+        (16, 32, 1, "set training.batch_size=8 (training.global_batch_size=32 is kept through gradient "
+                    "accumulation: 4 micro-batches per step)"),
+        (16, 32, 2, "set training.batch_size=8 (training.global_batch_size=32 is kept through gradient "
+                    "accumulation: 2 micro-batches per step)"),
+        (12, 36, 1, "set training.batch_size=6 (training.global_batch_size=36 is kept through gradient "
+                    "accumulation: 6 micro-batches per step)"),
+        (10, 30, 1, "set training.batch_size=5 (training.global_batch_size=30 is kept through gradient "
+                    "accumulation: 6 micro-batches per step)"),
+        (9, 27, 1, "set training.batch_size=3 (training.global_batch_size=27 is kept through gradient "
+                   "accumulation: 9 micro-batches per step)"),
+        (1, 32, 1, "a micro-batch of 1 does not fit: lower data.max_seconds or use a GPU with more memory"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_says_which_micro_batch_keeps_the_global_batch(
+    micro: int, global_batch: int, processes: int, fix: str
+) -> None:
+    error = OutOfGpuMemory.at_step(
+        step=7, micro_batch=micro, global_batch=global_batch, processes=processes, last_checkpoint=None
+    )
+    assert str(error) == (
+        f"out of GPU memory at step 7 with a micro-batch of {micro}: {fix}; no checkpoint was saved yet"
+    )

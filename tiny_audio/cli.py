@@ -35,8 +35,9 @@ Environment (or a .env file in the working directory):
                    MAIN_PROCESS_IP, MAIN_PROCESS_PORT for several machines
   TINY_AUDIO_WORLD_SIZE  processes the launcher started (set by the image): fewer joining is an error
 \b
-Exit codes: 0 done | 2 a mistake to fix (message says how; a full or read-only volume too) | 143 stopped
-by a signal after saving a checkpoint | 130 a second signal cut the stop short
+Exit codes: 0 done | 2 a mistake to fix (message says how; a full or read-only volume too) | 3 out of
+GPU memory (message says which training.batch_size to set) | 143 stopped by a signal after saving a
+checkpoint | 130 a second signal cut the stop short
 """
 
 log = logging.getLogger("tiny_audio")

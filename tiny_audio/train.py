@@ -33,7 +33,7 @@ from tiny_audio.checkpoint import (
 )
 from tiny_audio.config import DEEPSPEED_DIR, Config
 from tiny_audio.data import DropReason, EvalSet, build_eval_set, build_train_stream
-from tiny_audio.errors import ConfigError, UserError
+from tiny_audio.errors import ConfigError, OutOfGpuMemory, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
 from tiny_audio.hub import RetryPolicy
@@ -355,7 +355,18 @@ def train_loop(run: Run) -> int:
         t0 = time.perf_counter()
         micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
         data_wait += time.perf_counter() - t0
-        loss, tokens, aux = forward_backward(model, raw, acc, micro_batches)
+        try:
+            loss, tokens, aux = forward_backward(model, raw, acc, micro_batches)
+        except torch.OutOfMemoryError:  # one line saying what to lower; the last checkpoint stays the newest
+            last = run.store.last_saved()
+            raise OutOfGpuMemory.at_step(
+                step=run.step + 1,
+                micro_batch=t.batch_size,
+                global_batch=t.global_batch_size,
+                processes=acc.num_processes,
+                last_checkpoint=last.name if last else None,
+                device=device,
+            ) from None
         loss_sum += loss
         token_count += tokens
         aux_sum += aux
