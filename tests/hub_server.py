@@ -5,7 +5,8 @@ snapshot_download, hf_hub_download) run in tests without the network, on 127.0.0
 committed inline ("regular" upload mode), so LFS/Xet transfers are not exercised.
 
 Faults can be injected per request (`server.inject(...)`): an HTTP status (429, 500, ...), a dropped
-connection (the socket closes before any response) or a delay, matched on "METHOD /path" substrings.
+connection (the socket closes before any response), a delay, or a trickle (the body sent in 16 kB pieces,
+`delay_s` apart: a slow download), matched on "METHOD /path" substrings.
 
 Endpoints answered:
     POST /api/repos/create                               create a repo (409 if it exists)
@@ -31,6 +32,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+TRICKLE_BYTES = 16_000
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -66,7 +69,7 @@ class Fault:
     """Answer requests whose "METHOD /path" contains `match` with `status`, a dropped connection or a delay."""
 
     match: str
-    kind: str  # "status" | "drop" | "delay"
+    kind: str  # "status" | "drop" | "delay" | "trickle"
     status: int = 500
     delay_s: float = 0.0
     times: int | None = 1  # None: forever
@@ -158,8 +161,15 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
             self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(data)
+            if self.command == "HEAD":
+                return
+            pause = getattr(self, "trickle_s", 0.0)
+            piece = TRICKLE_BYTES if pause else max(len(data), 1)
+            for start in range(0, len(data), piece):
+                if start:
+                    time.sleep(pause)
+                self.wfile.write(data[start : start + piece])
+                self.wfile.flush()
 
         def _error(self, status: int, code: str | None = None, message: str = "") -> None:
             headers = {"X-Error-Code": code} if code else {}
@@ -183,6 +193,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     return  # no status line at all: the client sees a dropped connection
                 if fault.kind == "delay":
                     time.sleep(fault.delay_s)
+                elif fault.kind == "trickle":
+                    self.trickle_s = fault.delay_s
                 else:
                     self._error(fault.status, message=f"injected {fault.status}")
                     return

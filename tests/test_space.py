@@ -401,20 +401,32 @@ def test_a_slow_download_logs_its_progress_in_lines(
     model_hub: HubServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(progress, "INTERVAL_S", 0.05)
-    model_hub.inject("GET /org/decoder/resolve/", kind="delay", delay_s=0.5, times=None)
-    model_hub.inject("GET /org/encoder/resolve/", kind="delay", delay_s=0.5, times=None)
+    # the weights arrive 16 kB at a time, and are written as they arrive (small write chunks for tiny files)
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16_000)
+    monkeypatch.setattr(hub, "_CHUNK", 16_000)
+    model_hub.inject("GET /org/decoder/resolve/", kind="trickle", delay_s=0.03, times=None)
+    model_hub.inject("GET /org/encoder/resolve/", kind="trickle", delay_s=0.03, times=None)
     with caplog.at_level(logging.INFO, logger="tiny_audio"):
         hub.download_model("org/decoder", revision=None, token=TOKEN)
         hub.download_model_part("org/encoder", prefixes=("audio_tower.",), revision=None, token=TOKEN)
     lines = caplog.messages
-    byte = BYTES
-    decoder = [m for m in lines if m.startswith("download org/decoder: ")]
-    assert re.fullmatch(rf"download org/decoder: {byte} in \d+ files into HF_HOME \(.*hf-home\)", decoder[0]), decoder
-    assert any(re.fullmatch(rf"download org/decoder: {byte} of {byte} \(\d+%\), {byte}/s(, ~\d+ s left)?", m)
-               for m in decoder), decoder  # fmt: skip
-    assert re.fullmatch(rf"download org/decoder: done, {byte}", decoder[-1]), decoder
-    tower = [m for m in lines if m.startswith("download org/encoder (audio_tower tensors only): ")]
-    assert any(re.search(rf": {byte} of {byte} \(\d+%\), {byte}/s", m) for m in tower), lines
+
+    def partway(prefix: str) -> list[tuple[str, str, int]]:
+        """(done, total, percent) of the progress lines starting with `prefix`."""
+        found = [re.fullmatch(rf"{re.escape(prefix)}({BYTES}) of ({BYTES}) \((\d+)%\), {BYTES}/s(, ~\d+ s left)?", m)
+                 for m in lines]  # fmt: skip
+        return [(f[1], f[3], int(f[5])) for f in found if f]
+
+    start = next(m for m in lines if m.startswith("download org/decoder: "))
+    total = re.fullmatch(rf"download org/decoder: ({BYTES}) in 6 files into HF_HOME \(.*hf-home\)", start)
+    assert total, start
+    decoder = partway("download org/decoder: ")
+    assert any(0 < percent < 100 for _, _, percent in decoder), lines  # bytes seen arriving, not only the end
+    assert all(of == total[1] for _, of, _ in decoder)
+    assert f"download org/decoder: done, {total[1]}" in lines  # what arrived in the cache is what the Hub listed
+    tower = partway("download org/encoder (audio_tower tensors only): ")
+    assert any(0 < percent < 100 for _, _, percent in tower), lines
+    assert any(m.startswith("fetched 0.1 MB of org/encoder/model.safetensors") for m in lines)
 
 
 # --- the first data -----------------------------------------------------------------------------------------
