@@ -13,7 +13,8 @@ files: listed with their `lfs` sha256 and size, and `resolve` answers 302 to a s
 the bytes, ranges included. `transfers` records every response that carried file bytes.
 
 Faults can be injected per request (`server.inject(...)`): an HTTP status (429, 500, ...), a dropped
-connection (the socket closes before any response) or a delay, matched on "METHOD /path" substrings.
+connection (the socket closes before any response), a delay, or a trickle (the body sent in 16 kB pieces,
+`delay_s` apart: a slow download), matched on "METHOD /path" substrings.
 
 Endpoints answered ({kind} is `models` or `datasets`; {prefix} is empty for models, `datasets/` for datasets):
     POST /api/repos/create                               create a model repo (409 if it exists)
@@ -46,6 +47,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+TRICKLE_BYTES = 16_000
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -150,7 +153,7 @@ class Fault:
     """Answer requests whose "METHOD /path" contains `match` with `status`, a dropped connection or a delay."""
 
     match: str
-    kind: str  # "status" | "drop" | "delay"
+    kind: str  # "status" | "drop" | "delay" | "trickle"
     status: int = 500
     delay_s: float = 0.0
     times: int | None = 1  # None: forever
@@ -292,7 +295,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """The body, at once, or in TRICKLE_BYTES pieces `trickle_s` apart when a trickle fault asks for it."""
+        pause = getattr(self, "trickle_s", 0.0)
+        piece = TRICKLE_BYTES if pause else max(len(data), 1)
+        for start in range(0, len(data), piece):
+            if start:
+                time.sleep(pause)
+            self.wfile.write(data[start : start + piece])
+            self.wfile.flush()
 
     def _error(self, status: int, code: str | None = None, message: str = "") -> None:
         headers = {"X-Error-Code": code} if code else {}
@@ -323,7 +336,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return None
         for chunk in data.chunks(start, stop):
-            self.wfile.write(chunk)
+            self._write(chunk)
         self.server_state._record(Transfer(*where, start, stop, full=wanted is None))
         return None
 
@@ -348,6 +361,8 @@ def _make_handler(server: HubServer) -> type[BaseHTTPRequestHandler]:
                     return  # no status line at all: the client sees a dropped connection
                 if fault.kind == "delay":
                     time.sleep(fault.delay_s)
+                elif fault.kind == "trickle":
+                    self.trickle_s = fault.delay_s
                 else:
                     self._error(fault.status, message=f"injected {fault.status}")
                     return

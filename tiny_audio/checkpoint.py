@@ -38,8 +38,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tiny_audio import space
 from tiny_audio.config import HubConfig
-from tiny_audio.errors import UserError
+from tiny_audio.errors import DiskFull, UserError
 from tiny_audio.hub import (
     HubRepo,
     RetryPolicy,
@@ -48,6 +49,7 @@ from tiny_audio.hub import (
     repo_id_of,
     require_token,
 )
+from tiny_audio.progress import format_bytes
 from tiny_audio.redact import redact
 
 log = logging.getLogger(__name__)
@@ -102,9 +104,9 @@ def write_checkpoint(
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_projector(projector, directory / PROJECTOR_FILE)
-    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
+    _save_torch(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), directory / "scheduler.pt")
+        _save_torch(scheduler.state_dict(), directory / "scheduler.pt")
     _write_rng(directory, ranks=ranks)
     _write_json(directory / "train_state.json", redact(train_state))
     _write_json(directory / "data_state.json", ranks[0].data if ranks else data_state)
@@ -254,6 +256,13 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _save_torch(value: Any, path: Path) -> None:
+    # through a Python file: a full disk is then an OSError (ENOSPC), where torch.save(value, path) reports
+    # only "unexpected pos" from its zip writer
+    with path.open("wb") as f:
+        torch.save(value, f)
 
 
 def _load_torch(path: Path) -> Any:
@@ -468,7 +477,11 @@ class FileBackend:
         staging = self.root / f".incoming-{step:08d}"
         previous = self.root / ".previous-checkpoint"
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(checkpoint, staging)
+        try:
+            shutil.copytree(checkpoint, staging)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # a copy that did not fit is not left taking the space
+            raise
         if (self.root / RESUME_DIR).is_dir():
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(self.root / RESUME_DIR, previous)
@@ -768,10 +781,17 @@ class CheckpointStore:
             return final_dir
         tmp = self.root / f".tmp-{_STEP_PREFIX}{step:08d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / RESUME_DIR).mkdir(parents=True)
-        model_files(tmp)
-        write(tmp / RESUME_DIR)
-        write_manifest(tmp / RESUME_DIR, step=step)
+        try:
+            (tmp / RESUME_DIR).mkdir(parents=True)
+            model_files(tmp)
+            write(tmp / RESUME_DIR)
+            write_manifest(tmp / RESUME_DIR, step=step)
+        except Exception as exc:
+            written = space.folder_bytes(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint is never left behind
+            if space.is_disk_full(exc):
+                raise self._disk_full(step, written=written) from None
+            raise
         if final_dir.exists():  # saving a step twice (e.g. the final save right after a periodic one)
             shutil.rmtree(final_dir)
         os.replace(tmp, final_dir)
@@ -780,6 +800,32 @@ class CheckpointStore:
             self._unflushed = True
         self._rotate(keep_also=final_dir)
         return final_dir
+
+    def last_saved(self) -> Path | None:
+        """The newest complete local checkpoint (its folder), None when there is none."""
+        checkpoints = self._local_checkpoints()
+        return checkpoints[-1] if checkpoints else None
+
+    def _disk_full(self, step: int, *, written: int) -> DiskFull:
+        """The one line for a save that found the volume full: what a checkpoint needs, the last good one."""
+        previous = self.last_saved()
+        if previous is not None:
+            need = f"a checkpoint needs ~{format_bytes(space.folder_bytes(previous))} ({previous.name}'s size)"
+        elif written:
+            need = f"a checkpoint needs more than the {format_bytes(written)} written before the disk filled"
+        else:
+            need = None
+        return space.disk_full(
+            folder=self.root,
+            doing=f"saving the checkpoint of step {step}",
+            need=need,
+            cleaned="the partial checkpoint was removed and nothing of it uploaded",
+            last_good=previous.name if previous is not None else None,
+            fix=(
+                f"free space or use a larger volume (training.keep_checkpoints={self.keep} keeps {self.keep} "
+                "checkpoints, plus the one being written)"
+            ),
+        )
 
     def _rotate(self, *, keep_also: Path) -> None:
         busy = self._uploader.busy_paths() if self._uploader else set()

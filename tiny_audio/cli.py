@@ -25,7 +25,8 @@ Settings come from the environment or a .env file in the working directory: EXP 
 HUB_MODEL_ID, OUTPUT_DIR, WANDB_API_KEY, HF_HOME, ON_FINISH, MAX_HOURS, MAX_COST_USD and more. Every variable,
 with its default: the README's table, https://github.com/tiny-audio/tiny-audio#environment-variables
 \b
-Exit codes: 0 done | 2 a mistake to fix (message says how) | 143 stopped by a signal after saving a
+Exit codes: 0 done | 2 a mistake to fix (message says how; a full or read-only volume too) | 3 out of
+GPU memory (message says which training.batch_size to set) | 143 stopped by a signal after saving a
 checkpoint | 130 a second signal cut the stop short
 """
 

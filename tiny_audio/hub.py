@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from huggingface_hub.errors import (
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
+from huggingface_hub.utils import build_hf_headers, filter_repo_objects, hf_raise_for_status
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -53,6 +54,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from tiny_audio import progress, space
 from tiny_audio.errors import UserError
 from tiny_audio.redact import redact
 
@@ -316,24 +318,38 @@ def download_model(
 
     Files already cached are not fetched again, and with HF_HUB_OFFLINE=1 a cached snapshot is used as is.
     weights=False: only the small files (configs, tokenizer, the safetensors index).
-    A repo that does not exist, is gated or private, or is not cached while offline is a one-line UserError.
+    A repo that does not exist, is gated or private, or is not cached while offline is a one-line UserError;
+    so is a full or read-only HF_HOME. A download that lasts logs its progress every `progress.INTERVAL_S`.
     """
     repo = HubRepo(repo_id, token=token, revision=revision or "main", endpoint=endpoint, retry=retry or RetryPolicy())
     fix = "check model.encoder_id / model.decoder_id"
-    try:
-        return Path(
-            repo._call(
-                f"download of {repo_id}",
-                lambda: snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    ignore_patterns=_OTHER_WEIGHT_FORMATS + ([] if weights else ["*.safetensors"]),
-                    endpoint=endpoint,
-                    token=token,
-                ),
-                offline_hint="or point the model id at a local directory",
-            )
+    ignore = _OTHER_WEIGHT_FORMATS + ([] if weights else ["*.safetensors"])
+    missing = _uncached_files(repo, ignore_patterns=ignore) or {}
+    total = sum(missing.values())
+    cache = Path(hub_constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    before = space.folder_bytes(cache)
+    if total > 0:
+        log.info(
+            "download %s: %s in %d files into HF_HOME (%s)",
+            repo_id,
+            progress.format_bytes(total),
+            len(missing),
+            hub_constants.HF_HOME,
         )
+    watch = progress.transfer(
+        f"download {repo_id}", measure=lambda: space.folder_bytes(cache) - before, total=total, logger=log
+    )
+    try:
+        with watch:
+            path = Path(
+                repo._call(
+                    f"download of {repo_id}",
+                    lambda: snapshot_download(
+                        repo_id, revision=revision, ignore_patterns=ignore, endpoint=endpoint, token=token
+                    ),
+                    offline_hint="or point the model id at a local directory",
+                )
+            )
     except GatedRepoError:
         raise UserError(
             f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN to a token of that account"
@@ -350,6 +366,60 @@ def download_model(
         raise UserError(f"could not download {repo_id} from the Hub ({describe(exc.__cause__ or exc)})") from None
     except EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass
         raise UserError(f"model {repo_id} has no revision {revision!r}: {fix} and its revision") from None
+    except OSError as exc:
+        raise _cache_error(exc, repo_id, needed=total) from None
+    if watch.lines:
+        log.info("download %s: done, %s", repo_id, progress.format_bytes(space.folder_bytes(cache) - before))
+    return path
+
+
+def model_size(repo_id: str, *, revision: str | None, token: str | None, endpoint: str | None = None) -> int | None:
+    """Bytes `download_model` would fetch of `repo_id` now (files already cached left out), from the Hub's
+    file listing; None when the Hub cannot be asked. Downloads nothing."""
+    bound_http_timeouts()
+    repo = HubRepo(repo_id, token=token, revision=revision or "main", endpoint=endpoint)
+    missing = _uncached_files(repo, ignore_patterns=_OTHER_WEIGHT_FORMATS)
+    return None if missing is None else sum(missing.values())
+
+
+def _uncached_files(repo: HubRepo, *, ignore_patterns: list[str]) -> dict[str, int] | None:
+    """{path: size} of the files a snapshot download of `repo` would fetch, from the Hub's file listing.
+
+    A file whose blob is already in the cache is left out. None when the Hub cannot be asked (offline, an
+    error): progress is then reported without a total, and the download itself says what went wrong.
+    """
+    if hub_constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        tree = list(repo.api.list_repo_tree(repo.repo_id, recursive=True, revision=repo.revision))
+    except (HfHubHTTPError, httpx2.TransportError, OSError, ValueError):
+        return None
+    files = {entry.path: entry for entry in tree if isinstance(entry, RepoFile)}
+    blobs = Path(hub_constants.HF_HUB_CACHE) / f"models--{repo.repo_id.replace('/', '--')}" / "blobs"
+    wanted = filter_repo_objects(files, ignore_patterns=ignore_patterns)
+    return {
+        path: files[path].size
+        for path in wanted
+        if not (blobs / (files[path].lfs.sha256 if files[path].lfs else files[path].blob_id)).is_file()
+    }
+
+
+def _cache_error(exc: OSError, repo_id: str, *, needed: int) -> UserError:
+    """The one line for a download into the HF cache that the disk refused: full, or not writable."""
+    home = Path(hub_constants.HF_HOME)
+    if space.is_disk_full(exc):
+        return space.disk_full(
+            folder=home,
+            doing=f"downloading {repo_id} into the Hugging Face cache (HF_HOME)",
+            need=f"the download needs ~{progress.format_bytes(needed)}" if needed else None,
+            fix="free space on the volume, use a larger one, or point HF_HOME at a bigger disk",
+        )
+    if space.is_not_writable(exc):
+        return UserError(
+            f"cannot download {repo_id}: the Hugging Face cache HF_HOME={home} is not writable "
+            f"({describe(exc)}); point HF_HOME at a writable folder"
+        )
+    raise exc
 
 
 def check_access(repo_id: str, *, repo_type: str, token: str | None, endpoint: str | None = None) -> str:
@@ -394,9 +464,10 @@ def download_model_part(
     """A local model folder holding a checkpoint's small files and ONLY the tensors named `prefixes*`.
 
     For a part of a larger model (GLM-ASR-Nano-2512's audio tower is ~1.3 GB of a ~4.5 GB file): the
-    safetensors header is read first, then only the byte range holding those tensors, with HTTP range
-    requests (a broken transfer continues where it stopped). The result is a valid `model.safetensors`
-    cached under HF_HOME per commit, so a volume downloads it once.
+    safetensors headers are read first, then only the byte ranges holding those tensors, with HTTP range
+    requests (a broken transfer continues where it stopped), streamed straight into the new file behind its
+    header, so the disk holds the part once. The result is a valid `model.safetensors` cached under HF_HOME
+    per commit, so a volume downloads it once; its progress is logged every `progress.INTERVAL_S`.
     """
     retry = retry or RetryPolicy()
     snapshot = Path(
@@ -408,38 +479,85 @@ def download_model_part(
     if (folder / "model.safetensors").is_file():
         return folder
     repo = HubRepo(repo_id, token=token, revision=commit, endpoint=endpoint, retry=retry)
-    index = snapshot / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        files = sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
-    else:
-        files = ["model.safetensors"]
+    ranges = [_tensor_range(repo, filename, prefixes=prefixes) for filename in _part_files(snapshot, prefixes)]
+    total = sum(r.stop - r.start for r in ranges)
     tmp = folder.with_name(folder.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    headers: dict[str, Any] = {}
-    bodies: list[Path] = []
-    for i, filename in enumerate(files):
-        part_header, body = _fetch_tensors(repo, filename, prefixes=prefixes, into=tmp / f"body-{i}")
-        headers[filename] = part_header
-        bodies.append(body)
-    _write_safetensors(tmp / "model.safetensors", headers=list(headers.values()), bodies=bodies)
-    for body in bodies:
-        body.unlink()
-    for item in snapshot.iterdir():
-        if item.is_file() and item.name != SAFETENSORS_INDEX:
-            shutil.copyfile(item, tmp / item.name)
+    target = tmp / "model.safetensors"
+    label = f"download {repo_id} ({prefixes[0].rstrip('.')} tensors only)"
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        base = _write_safetensors_header(target, parts=[(r.header, r.stop - r.start) for r in ranges])
+        log.info("%s: %s into HF_HOME (%s)", label, progress.format_bytes(total), hub_constants.HF_HOME)
+        watch = progress.transfer(label, measure=lambda: target.stat().st_size - base, total=total, logger=log)
+        with watch:
+            for r in ranges:
+                _ranged_to_file(repo, r.url, r.start, r.stop, target)
+        for item in snapshot.iterdir():
+            if item.is_file() and item.name != SAFETENSORS_INDEX:
+                shutil.copyfile(item, tmp / item.name)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)  # a part that does not fit is not kept half-written
+        raise _cache_error(exc, repo_id, needed=total) from None
+    for r in ranges:
+        log.info("fetched %.1f MB of %s/%s (%d tensors)", (r.stop - r.start) / 1e6, repo_id, r.filename, len(r.header))
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)  # complete or absent: a half-fetched part is never taken for a whole one
     return folder
 
 
-def _fetch_tensors(repo: HubRepo, filename: str, *, prefixes: tuple[str, ...], into: Path) -> tuple[dict, Path]:
-    """Read `filename`'s header, then the smallest byte range holding every tensor named `prefixes*`.
+def part_size(
+    repo_id: str, *, prefixes: tuple[str, ...], revision: str | None, token: str | None, endpoint: str | None = None
+) -> int | None:
+    """Bytes `download_model_part` would fetch (the tensors' byte ranges and the small files), from the Hub's
+    file listing and the safetensors headers only; None when the Hub cannot be asked. Downloads no weights."""
+    if hub_constants.HF_HUB_OFFLINE:
+        return None
+    bound_http_timeouts()
+    repo = HubRepo(repo_id, token=token, revision=revision or "main", endpoint=endpoint, retry=RetryPolicy(attempts=2))
+    try:
+        tree = list(repo.api.list_repo_tree(repo_id, recursive=True, revision=repo.revision))
+        files = {entry.path: entry.size for entry in tree if isinstance(entry, RepoFile)}
+        small = sum(size for name, size in files.items() if not name.endswith(".safetensors"))
+        index = SAFETENSORS_INDEX in files
+        if index:
+            with tempfile.TemporaryDirectory(prefix="tiny-audio-index-") as scratch:
+                found = repo.download_file(SAFETENSORS_INDEX, local_dir=Path(scratch))
+                weight_map = json.loads(found.read_text())["weight_map"] if found else {}
+            names = sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
+        else:
+            names = ["model.safetensors"]
+        ranges = [_tensor_range(repo, name, prefixes=prefixes) for name in names]
+    except (HfHubHTTPError, httpx2.TransportError, OSError, ValueError, KeyError, UserError):
+        return None
+    return small + sum(r.stop - r.start for r in ranges)
 
-    Returns the header entries of the tensors inside that range (offsets relative to its start) and the
-    file holding the range. Tensors of other names that lie inside the range come along, since a
-    safetensors buffer may hold no gaps.
+
+def _part_files(snapshot: Path, prefixes: tuple[str, ...]) -> list[str]:
+    """The safetensors files of a snapshot that hold tensors named `prefixes*` (by its index when sharded)."""
+    index = snapshot / SAFETENSORS_INDEX
+    if not index.is_file():
+        return ["model.safetensors"]
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    return sorted({f for name, f in weight_map.items() if name.startswith(prefixes)})
+
+
+@dataclass(frozen=True)
+class _Range:
+    """Bytes [start, stop) of one Hub file holding the wanted tensors; `header` describes them from `start`."""
+
+    filename: str
+    url: str
+    start: int
+    stop: int
+    header: dict[str, Any]
+
+
+def _tensor_range(repo: HubRepo, filename: str, *, prefixes: tuple[str, ...]) -> _Range:
+    """Read `filename`'s header and find the smallest byte range holding every tensor named `prefixes*`.
+
+    The range's header entries hold the tensors inside it (offsets relative to its start). Tensors of other
+    names that lie inside the range come along, since a safetensors buffer may hold no gaps.
     """
     url = hf_hub_url(repo.repo_id, filename, revision=repo.revision, endpoint=repo.endpoint)
     size = struct.unpack("<Q", _ranged(repo, url, 0, 8))[0]
@@ -455,9 +573,7 @@ def _fetch_tensors(repo: HubRepo, filename: str, *, prefixes: tuple[str, ...], i
         for name, info in header.items()
         if begin <= info["data_offsets"][0] and info["data_offsets"][1] <= end
     }
-    _ranged_to_file(repo, url, 8 + size + begin, 8 + size + end, into)
-    log.info("fetched %.1f MB of %s/%s (%d tensors)", (end - begin) / 1e6, repo.repo_id, filename, len(inside))
-    return inside, into
+    return _Range(filename=filename, url=url, start=8 + size + begin, stop=8 + size + end, header=inside)
 
 
 def _ranged(repo: HubRepo, url: str, start: int, stop: int) -> bytes:
@@ -473,11 +589,11 @@ def _ranged(repo: HubRepo, url: str, start: int, stop: int) -> bytes:
 
 
 def _ranged_to_file(repo: HubRepo, url: str, start: int, stop: int, path: Path) -> None:
-    """Bytes [start, stop) of a Hub file streamed into `path`; a retry continues from what already arrived."""
-    path.write_bytes(b"")
+    """Bytes [start, stop) of a Hub file appended to `path`; a retry continues from what already arrived."""
+    base = path.stat().st_size
 
     def get() -> None:
-        done = path.stat().st_size
+        done = path.stat().st_size - base
         if start + done >= stop:
             return
         headers = build_hf_headers(token=repo.token) | {"Range": f"bytes={start + done}-{stop - 1}"}
@@ -486,27 +602,26 @@ def _ranged_to_file(repo: HubRepo, url: str, start: int, stop: int, path: Path) 
             with path.open("ab") as out:
                 for chunk in response.iter_bytes(_CHUNK):
                     out.write(chunk)
-        if path.stat().st_size != stop - start:
-            raise ConnectionError(f"transfer ended at {path.stat().st_size} of {stop - start} bytes")
+        if path.stat().st_size - base != stop - start:
+            raise ConnectionError(f"transfer ended at {path.stat().st_size - base} of {stop - start} bytes")
 
     repo._call(f"download of {url.rsplit('/', 1)[-1]}", get)
 
 
-def _write_safetensors(path: Path, *, headers: list[dict], bodies: list[Path]) -> None:
-    """One safetensors file from several (header entries, data) parts, the parts' data one after another."""
+def _write_safetensors_header(path: Path, *, parts: list[tuple[dict[str, Any], int]]) -> int:
+    """Start a safetensors file whose data will be several (header entries, data size) parts one after another:
+    write its header into `path` (replaced) and return the header's length, where the data starts."""
     entries: dict[str, Any] = {}
     shift = 0
-    for part, body in zip(headers, bodies, strict=True):
+    for part, data_size in parts:
         for name, info in part.items():
             lo, hi = info["data_offsets"]
             entries[name] = {**info, "data_offsets": [lo + shift, hi + shift]}
-        shift += body.stat().st_size
+        shift += data_size
     entries["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(entries, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
     with path.open("wb") as out:
         out.write(struct.pack("<Q", len(encoded)))
         out.write(encoded)
-        for body in bodies:
-            with body.open("rb") as src:
-                shutil.copyfileobj(src, out, _CHUNK)
+    return 8 + len(encoded)

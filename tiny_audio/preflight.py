@@ -95,6 +95,7 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
     if target and hub.is_hub_repo(target):
         check_remote(report, hub.repo_id_of(target), kind="model", token=token, must_exist=False)
     check_writable(report, output_dir)
+    check_space(report, cfg, output_dir=output_dir, token=token)
     return report
 
 
@@ -212,3 +213,16 @@ def check_writable(report: Report, output_dir: Path) -> None:
         probe = probe.parent
     if not os.access(probe, os.W_OK):
         report.problems.append(f"OUTPUT_DIR {output_dir} is not writable")
+
+
+def check_space(report: Report, cfg: Config, *, output_dir: Path, token: str | None) -> None:
+    """What the run would write on the volume (models not yet cached, checkpoints, W&B) against its free space."""
+    from tiny_audio import space
+
+    plan = space.plan_space(cfg, output_dir=output_dir, token=token)
+    report.lines.append(f"volume:     {plan.describe()}")
+    refusal, warning = plan.refusal(), plan.warning()
+    if refusal:
+        report.problems.append(refusal)
+    elif warning:
+        report.lines.append(f"warning:    {warning}")

@@ -34,7 +34,7 @@ from tiny_audio.checkpoint import (
 from tiny_audio.config import DEEPSPEED_DIR, Config
 from tiny_audio.cost import CostMeter, format_usd, start_meter
 from tiny_audio.data import DropReason, EvalSet, build_eval_set, build_train_stream
-from tiny_audio.errors import ConfigError, UserError
+from tiny_audio.errors import ConfigError, OutOfGpuMemory, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
 from tiny_audio.export import export_model
 from tiny_audio.health import EvalWatch
@@ -45,6 +45,7 @@ from tiny_audio.model.sharding import gathered
 from tiny_audio.precision import Precision
 from tiny_audio.redact import redact
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
+from tiny_audio.space import check_volume, disk_full_is_one_line, naming_the_file
 from tiny_audio.tracking import Tracker, resolve_mode, start_tracker
 
 log = logging.getLogger("tiny_audio")
@@ -176,6 +177,8 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     check_world_size(int(os.environ.get("WORLD_SIZE", "1")))  # before a process group waits for absent peers
     accelerator = make_accelerator(cfg)
     check_world_size(accelerator.num_processes)
+    if accelerator.is_local_main_process:  # this machine's volume: writable, room for the run, before any download
+        check_volume(cfg, output_dir=output_dir, token=token)
     is_main = accelerator.is_main_process
     if is_main:
         resolve_mode(cfg.tracking)  # online W&B without a key: an error now, not after loading the models
@@ -369,7 +372,18 @@ def train_loop(run: Run) -> int:
         t0 = time.perf_counter()
         micro_batches = [next(run.stream) for _ in range(run.grad_accum)]
         data_wait += time.perf_counter() - t0
-        loss, tokens, aux = forward_backward(model, raw, acc, micro_batches)
+        try:
+            loss, tokens, aux = forward_backward(model, raw, acc, micro_batches)
+        except torch.OutOfMemoryError:  # one line saying what to lower; the last checkpoint stays the newest
+            last = run.store.last_saved()
+            raise OutOfGpuMemory.at_step(
+                step=run.step + 1,
+                micro_batch=t.batch_size,
+                global_batch=t.global_batch_size,
+                processes=acc.num_processes,
+                last_checkpoint=last.name if last else None,
+                device=device,
+            ) from None
         loss_sum += loss
         token_count += tokens
         aux_sum += aux
@@ -540,7 +554,8 @@ def append_metrics(output_dir: Path, step: int, metrics: dict[str, float]) -> No
     """One JSON line per logged step and per evaluation in OUTPUT_DIR/metrics.jsonl (training lines hold
     `train/*`, evaluation lines `eval/*`): the full-precision record, tracker or not."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "metrics.jsonl").open("a") as f:
+    path = output_dir / "metrics.jsonl"
+    with naming_the_file(path), path.open("a") as f:  # a full disk's error names the file
         f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
@@ -711,7 +726,8 @@ def release_ddp(run: Run) -> None:
 
 def train(cfg: Config, *, output_dir: Path, token: str | None, target: str | None) -> int:
     run = setup(cfg, output_dir=output_dir, token=token, target=target)
-    try:
-        return train_loop(run)
-    finally:
-        cleanup(run)
+    with disk_full_is_one_line(output_dir, last_saved=run.store.last_saved):  # checkpoints, metrics, W&B files
+        try:
+            return train_loop(run)
+        finally:
+            cleanup(run)

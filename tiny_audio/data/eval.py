@@ -24,6 +24,7 @@ from tiny_audio.data.filters import TextNormalizer
 from tiny_audio.data.pipeline import filter_settings
 from tiny_audio.data.samples import Candidate, Ready, admit, finish
 from tiny_audio.data.sources import RowRef, ShardedSource, open_source
+from tiny_audio.progress import Ticker, format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,14 @@ def _lowest_priority(
     shards = {shard: source.blocks(shard, 0, block_rows) for shard in range(source.num_shards)}
     heap: list[tuple[int, str, Candidate]] = []  # max-heap on priority (negated): the pool's worst on top
     scanned, touched = 0, set()
+
+    def progress(elapsed: float) -> str:  # read by a thread while the loop below runs (a remote split takes long)
+        return (
+            f"eval set: {scanned:,} rows read from {len(touched)}/{source.num_shards} shards so far "
+            f"({format_seconds(elapsed)})"
+        )
+
+    ticker = Ticker(progress, logger=log, name="progress eval set").start()
     try:
         while shards and scanned < scan_rows:
             for shard in list(shards):
@@ -141,6 +150,7 @@ def _lowest_priority(
                 if scanned >= scan_rows:
                     break
     finally:
+        ticker.stop()
         for blocks in shards.values():
             blocks.close()
     ordered = sorted(heap, key=lambda item: (-item[0], item[1]))

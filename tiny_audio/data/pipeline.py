@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from tiny_audio.data.planner import PlannedBatch, Planner, Position
 from tiny_audio.data.samples import Ready, finish
 from tiny_audio.data.sources import SourceReader, open_source
 from tiny_audio.errors import UserError
+from tiny_audio.progress import Ticker, format_seconds
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +140,27 @@ class TrainStream:
         if not self._started:
             self._start()
         began = time.perf_counter()
-        while True:
-            item = self._take()
-            self._absorb(item)
-            if item.batch is not None:
-                break
+        with self._first_batch_progress():
+            while True:
+                item = self._take()
+                self._absorb(item)
+                if item.batch is not None:
+                    break
         self._wait = time.perf_counter() - began
         self._wait_total += self._wait
         return item.batch
+
+    def _first_batch_progress(self) -> AbstractContextManager[object]:
+        """While the first batch is awaited (a remote source's first shards), a line every progress.INTERVAL_S."""
+        if self._counts["batches"]:
+            return nullcontext()
+        start = self._planner.position.index
+
+        def line(elapsed: float) -> str:
+            rows = self._planner.position.index - start  # read while the planning thread moves it on
+            return f"data: waiting for the first training batch, {rows:,} rows read so far ({format_seconds(elapsed)})"
+
+        return Ticker(line, logger=log, name="progress first batch")
 
     def _start(self) -> None:
         self._started = True
