@@ -422,8 +422,8 @@ _LOQUACIOUS_FEATURES = [
 
 def speak(text: str, *, index: int) -> np.ndarray:
     """espeak-ng speech of `text` at 16 kHz (a seeded voice per index)."""
-    from tiny_audio.assets.corpus import plan
-    from tiny_audio.assets.corpus import speak as espeak
+    from tools.miniatures.corpus import plan
+    from tools.miniatures.corpus import speak as espeak
 
     utterance = plan(texts=[text], seed=index)[0]
     return espeak(utterance)
