@@ -18,14 +18,13 @@ from tiny_audio.checkpoint import (
     PROJECTOR_FILE,
     RESUME_DIR,
     CheckpointStore,
-    model_card,
     read_checkpoint,
-    resolve_target,
     write_checkpoint,
-    write_model_files,
 )
+from tiny_audio.cli import resolve_target
 from tiny_audio.config import Config, HubConfig
 from tiny_audio.errors import UserError
+from tiny_audio.export import model_card, write_model_files
 
 TOKEN = "hf_" + "Tk9" * 12  # shaped like a real Hub token
 
@@ -246,10 +245,14 @@ def test_file_backend_corrupt_store_is_a_user_error(tmp_path: Path) -> None:
         other.fetch_latest()
 
 
-def test_targets_are_parsed_or_refused(tmp_path: Path) -> None:
-    assert resolve_target(None, {"HUB_MODEL_ID": "me/run"}) == "me/run"
-    assert resolve_target("you/exp", {"HUB_MODEL_ID": "me/run"}) == "you/exp"
-    assert resolve_target(None, {}) is None
+def test_targets_are_parsed_or_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # HUB_MODEL_ID wins over training.hub_model_id, as the README says (the variable is how a pod is pointed)
+    monkeypatch.setenv("HUB_MODEL_ID", "me/run")
+    assert resolve_target(None) == "me/run"
+    assert resolve_target("you/exp") == "me/run"
+    monkeypatch.delenv("HUB_MODEL_ID")
+    assert resolve_target("you/exp") == "you/exp"
+    assert resolve_target(None) is None
     for bad in ("file://relative/dir", "not a repo"):
         with pytest.raises(UserError, match="checkpoint target"):
             CheckpointStore.open(target=bad, output_dir=tmp_path, token=None, hub=HubConfig(), keep=1)

@@ -7,7 +7,7 @@ import pytest
 from tiny_audio.config import BudgetConfig
 from tiny_audio.cost import Budget, CostMeter, check_budget, started_at
 from tiny_audio.errors import UserError
-from tiny_audio.train import format_step
+from tiny_audio.tracking import format_step
 
 
 class Clock:

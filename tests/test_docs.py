@@ -17,7 +17,8 @@ NOT_USER_SETTINGS = {"WORLD_SIZE", "ACCELERATE_USE_CPU", "PCM_16", "SC_PAGE_SIZE
 def variables_read() -> set[str]:
     names: set[str] = set()
     for path in (ROOT / "tiny_audio").rglob("*.py"):
-        names |= set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', path.read_text()))
+        code = re.sub(r"__all__ = \[.*?\]", "", path.read_text(), flags=re.DOTALL)  # exported names, not variables
+        names |= set(re.findall(r'"([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)"', code))
     names |= set(re.findall(r"\$\{?([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)", (ROOT / "docker" / "start.sh").read_text()))
     return names - NOT_USER_SETTINGS - {"APP_DIR", "BASH_SOURCE"}  # start.sh's own locals
 

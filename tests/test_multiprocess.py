@@ -333,7 +333,7 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
 
     import torch
 
-    from tiny_audio.checkpoint import save_projector
+    from tiny_audio.checkpoint.format import save_projector
     from tiny_audio.config import load_config
     from tiny_audio.train import cleanup, setup, train_loop
 
@@ -360,7 +360,7 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
 
     run.stream = Recorder()
     # Whether the DDP wrapper (and with it the C++ reducer that holds the process group) is still alive when
-    # the group is destroyed: freed after it, it can hang the process at exit (see train.release_ddp).
+    # the group is destroyed: freed after it, it can hang the process at exit (see distributed.release_ddp).
     wrapper, wrapper_type = weakref.ref(run.model), type(run.model).__name__
     alive_at_destroy: list[bool] = []
     destroy = torch.distributed.destroy_process_group

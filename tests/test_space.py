@@ -403,7 +403,7 @@ def test_a_slow_download_logs_its_progress_in_lines(
     monkeypatch.setattr(progress, "INTERVAL_S", 0.05)
     # the weights arrive 16 kB at a time, and are written as they arrive (small write chunks for tiny files)
     monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 16_000)
-    monkeypatch.setattr(hub, "_CHUNK", 16_000)
+    monkeypatch.setattr(hub.parts, "_CHUNK", 16_000)
     model_hub.inject("GET /org/decoder/resolve/", kind="trickle", delay_s=0.03, times=None)
     model_hub.inject("GET /org/encoder/resolve/", kind="trickle", delay_s=0.03, times=None)
     with caplog.at_level(logging.INFO, logger="tiny_audio"):

@@ -23,19 +23,11 @@ from tiny_audio.checkpoint import PROJECTOR_FILE, RESUME_DIR, read_checkpoint
 from tiny_audio.config import Config, load_config
 from tiny_audio.data import build_train_stream
 from tiny_audio.data.batching import Batch
+from tiny_audio.distributed import check_world_size, gradient_accumulation, make_accelerator
 from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model
-from tiny_audio.train import (
-    TrainingDiverged,
-    check_world_size,
-    cleanup,
-    forward_backward,
-    gradient_accumulation,
-    make_accelerator,
-    setup,
-    train_loop,
-)
+from tiny_audio.train import TrainingDiverged, cleanup, forward_backward, setup, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 # Short runs of the shipped tiny experiment: no evaluation, no tracker, one decode thread.
@@ -306,8 +298,8 @@ def test_wandb_is_online_with_a_key_offline_without_and_never_asks(tmp_path: Pat
 
 
 def test_deepspeed_configs_are_filled_from_the_experiment() -> None:
+    from tiny_audio.distributed import deepspeed_config
     from tiny_audio.errors import ConfigError
-    from tiny_audio.train import deepspeed_config
 
     cfg = tiny_config("training.deepspeed=zero2", "training.batch_size=2", "training.max_grad_norm=0.5")
     ds = deepspeed_config(cfg, world_size=2, grad_accum=3, cuda=False)

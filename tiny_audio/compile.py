@@ -60,11 +60,12 @@ class CompileGuard:
         self.active = any(is_compiled(m) for m in modules)
         self.reported_graphs = 0
 
-    def run(self, step: Callable[[], T]) -> T:
+    def run(self, step: Callable[..., T], *args: Any) -> T:
+        """`step(*args)`, through the compiled parts while they work."""
         if not self.active:
-            return step()
+            return step(*args)
         try:
-            return step()
+            return step(*args)
         except (torch.OutOfMemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -72,7 +73,7 @@ class CompileGuard:
                 raise
             self.fall_back(exc)
             self.reset()
-            return step()
+            return step(*args)
 
     def fall_back(self, exc: BaseException) -> None:
         root, seen = exc, {id(exc)}

@@ -1,5 +1,6 @@
 """A checkpoint as a loadable model: projector weights + the config naming its base models + tokenizer and
-feature-extractor settings + a model card. `load_trained` rebuilds the full ASR model from such a folder."""
+feature-extractor settings + a model card, at the root of every checkpoint folder and of the Hub repo.
+`load_trained` rebuilds the full ASR model from such a folder."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tiny_audio.checkpoint import MODEL_CONFIG_FILE, PROJECTOR_FILE, model_card, write_model_files
+from tiny_audio.checkpoint.format import MODEL_CONFIG_FILE, PROJECTOR_FILE, RESUME_DIR, save_projector, write_json
 from tiny_audio.config import Config
 from tiny_audio.errors import UserError
 from tiny_audio.model.asr import ASRModel
+from tiny_audio.redact import redact
 
 
 def export_model(directory: Path, *, model: ASRModel, config: dict[str, Any], step: int, metrics: dict) -> None:
@@ -43,3 +45,38 @@ def load_trained(directory: Path, *, device: torch.device, token: str | None = N
     model.projector.load_state_dict(load_file(str(weights), device=str(device)))
     model.eval()
     return model, cfg
+
+
+def write_model_files(
+    directory: Path, *, projector: torch.nn.Module, config: dict[str, Any], card: str | None = None
+) -> None:
+    """Write the projector weights, the resolved (scrubbed) config and the model card README.md into `directory`.
+
+    The tokenizer and the feature extractor settings (`save_pretrained`) are the caller's to add beside them.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    save_projector(projector, directory / PROJECTOR_FILE)
+    write_json(directory / MODEL_CONFIG_FILE, redact(config))
+    if card is not None:
+        (directory / "README.md").write_text(redact(card))
+
+
+def model_card(*, config: dict[str, Any], step: int, metrics: dict[str, float] | None = None) -> str:
+    """A README.md for the repo root: what was trained (experiment, models, projector), at which step, how well."""
+    model, projector = config.get("model", {}), config.get("projector", {})
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in sorted((metrics or {}).items()))
+    figures = f"| metric | value |\n|---|---|\n{rows}\n" if rows else "No evaluation yet.\n"
+    return (
+        "---\n"
+        "library_name: tiny-audio\n"
+        "tags: [automatic-speech-recognition, tiny-audio]\n"
+        "pipeline_tag: automatic-speech-recognition\n"
+        "---\n\n"
+        f"# tiny-audio: {config.get('experiment', '?')}\n\n"
+        f"A `{projector.get('type', '?')}` projector (stack {projector.get('stack', '?')}, hidden "
+        f"{projector.get('hidden_dim', '?')}) between the frozen encoder `{model.get('encoder_id', '?')}` and the "
+        f"frozen decoder `{model.get('decoder_id', '?')}`.\n\n"
+        f"Step {step}.\n\n## Latest evaluation\n\n{figures}\n"
+        f"`{PROJECTOR_FILE}` holds the projector weights, `{MODEL_CONFIG_FILE}` the resolved config; "
+        f"`{RESUME_DIR}/` what resuming the run needs.\n"
+    )

@@ -12,9 +12,11 @@ API here; the Hub client and the data sources can move onto it) retries and repo
 
 from __future__ import annotations
 
+import email.utils
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -98,3 +100,16 @@ def retry_call(
         reraise=True,
     )
     return retrying(call)
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """An HTTP Retry-After header (seconds, or a date) as seconds from now; None when absent or unreadable."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

@@ -12,17 +12,15 @@ good is a `RunPodError`, one line without the key. RUNPOD_API_URL lets tests poi
 
 from __future__ import annotations
 
-import email.utils
 import json
 import logging
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from typing import Any, Literal
 
 from tiny_audio.errors import UserError
-from tiny_audio.retry import RetryPolicy, describe, retry_call
+from tiny_audio.retry import RetryPolicy, describe, retry_after_s, retry_call
 
 PodAction = Literal["stop", "terminate"]
 DEFAULT_API_URL = "https://api.runpod.io/v2"
@@ -104,19 +102,6 @@ def _is_transient(error: BaseException) -> bool:
     if isinstance(error, urllib.error.HTTPError):
         return False
     return isinstance(error, urllib.error.URLError | TimeoutError | ConnectionError)
-
-
-def retry_after_s(value: str | None) -> float | None:
-    """An HTTP Retry-After header (seconds, or a date) as seconds from now; None when absent or unreadable."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def problem_text(body: bytes) -> str:

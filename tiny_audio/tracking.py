@@ -1,4 +1,5 @@
-"""Experiment tracking: W&B when wanted, a do-nothing stand-in otherwise (no `if wandb:` in the loop).
+"""Experiment tracking: W&B when wanted, a do-nothing stand-in otherwise (no `if wandb:` in the loop); the step
+and eval lines of the log, and OUTPUT_DIR/metrics.jsonl, the full-precision record with or without a tracker.
 
 W&B never prompts: with WANDB_API_KEY it runs online, without it offline (files under OUTPUT_DIR/wandb, sync
 later with `wandb sync`), or not at all with tracking.mode=disabled / backend=none. The run id is kept in every
@@ -7,12 +8,15 @@ checkpoint so a resumed run continues the same W&B run.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from tiny_audio.config import TrackingConfig
+from tiny_audio.cost import format_usd
 from tiny_audio.errors import UserError
+from tiny_audio.space import naming_the_file
 
 
 class Tracker(Protocol):
@@ -129,3 +133,49 @@ def start_tracker(
         settings=wandb.Settings(console="off", silent=True),
     )
     return WandbTracker(run)
+
+
+# --- what the log and metrics.jsonl show ---------------------------------------------------------------------
+
+
+def format_step(
+    step: int,
+    max_steps: int,
+    m: dict[str, float],
+    *,
+    seconds_per_step: float,
+    usd: tuple[float | None, float | None] = (None, None),
+) -> str:
+    """`Step 25/20000 | Loss: 8.34 | Grad Norm: 45.2 | LR: 1e-04 | ETA: 14hr | $6.20 of ~$11.40 | 12.3 samples/s`:
+    the course's line, with the dollars spent so far and those projected at the end when the price is known."""
+    eta = (max_steps - step) * seconds_per_step
+    spent, projected = usd
+    money = f"{format_usd(spent)} of ~{format_usd(projected)} | " if spent is not None and projected is not None else ""
+    return (
+        f"Step {step}/{max_steps} | Loss: {m['train/loss']:.2f} | Grad Norm: {m['train/grad_norm']:.1f} | "
+        f"LR: {m['train/lr']:.0e} | ETA: {format_duration(eta)} | {money}{m['train/samples_per_s']:.1f} samples/s"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f}hr"
+    if seconds >= 60:
+        return f"{seconds / 60:.0f}min"
+    return f"{seconds:.0f}s"
+
+
+def append_metrics(output_dir: Path, step: int, metrics: dict[str, float]) -> None:
+    """One JSON line per logged step and per evaluation in OUTPUT_DIR/metrics.jsonl (training lines hold
+    `train/*`, evaluation lines `eval/*`): the full-precision record, tracker or not."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.jsonl"
+    with naming_the_file(path), path.open("a") as f:  # a full disk's error names the file
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def format_data(kept: int, drops: dict[str, int]) -> str:
+    """`data: 31,872 samples kept, 12 dropped (too_long 8, silence 4) since start`."""
+    drops = {reason: n for reason, n in drops.items() if n}
+    detail = f" ({', '.join(f'{r} {n:,}' for r, n in drops.items())})" if drops else ""
+    return f"data: {kept:,} samples kept, {sum(drops.values()):,} dropped{detail} since start"
