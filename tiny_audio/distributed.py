@@ -139,6 +139,14 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(total, reduction="sum").item() > 0)
 
 
+def sum_over_ranks(accelerator: Accelerator, counts: list[int | float]) -> list[int]:
+    """Whole numbers counted on each rank (samples kept, dropped), summed over every rank: a collective."""
+    if accelerator.num_processes == 1:
+        return [int(c) for c in counts]
+    total = torch.tensor(counts, dtype=torch.float64, device=accelerator.device)
+    return [int(v) for v in accelerator.reduce(total, reduction="sum").tolist()]
+
+
 def main_decides(accelerator: Accelerator, value: Any) -> Any:
     """The main process's `value`, on every rank (a reason to end the run: its clock decides for all)."""
     if accelerator.num_processes == 1:

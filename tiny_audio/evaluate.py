@@ -21,11 +21,19 @@ class EvalResult:
     num_samples: int
     examples: list[tuple[str, str]] = field(default_factory=list)  # (reference, hypothesis)
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self, *, best_wer: float | None = None) -> dict[str, float]:
         out = {"eval/loss": self.loss}
         if self.wer is not None:
             out["eval/wer"] = self.wer
+        if best_wer is not None:
+            out["eval/best_wer"] = best_wer
         return out
+
+    def line(self, step: int, data: str) -> str:
+        """`Eval step 1000 | Loss: 2.412 | WER: 63.0% | data: ...`, then two example transcripts."""
+        wer = f" | WER: {self.wer:.1%}" if self.wer is not None else ""
+        examples = "".join(f"\n  ref: {ref}\n  hyp: {hyp}" for ref, hyp in self.examples[:2])
+        return f"Eval step {step} | Loss: {self.loss:.3f}{wer} | {data}{examples}"
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:

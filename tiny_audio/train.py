@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import get_scheduler
 
 from tiny_audio.checkpoint import CheckpointStore, resume_run, save_run
 from tiny_audio.compile import CompileGuard
@@ -34,6 +33,7 @@ from tiny_audio.distributed import (
     main_decides,
     make_accelerator,
     release_ddp,
+    sum_over_ranks,
     uses_deepspeed,
 )
 from tiny_audio.errors import OutOfGpuMemory, UserError
@@ -42,6 +42,7 @@ from tiny_audio.export import export_model
 from tiny_audio.health import EvalWatch
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
+from tiny_audio.optim import build_optimizer, build_scheduler
 from tiny_audio.precision import Precision
 from tiny_audio.redact import redact
 from tiny_audio.retry import RetryPolicy
@@ -114,11 +115,8 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         for part, trainable, frozen in parameter_report(model):
             log.info("%-9s trainable %12s | frozen %12s", part, f"{trainable:,}", f"{frozen:,}")
         log.info("prompt: %r", model.prompt.render())  # what the decoder reads; <audio> stands for the clip
-    params = [p for p in model.parameters() if p.requires_grad]  # the projector's only
-    cuda = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(
-        params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, fused=cuda
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]  # the projector's only
+    optimizer = build_optimizer(cfg, trainable, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(cfg, optimizer)
     if t.compile:
         model.compile_parts(dynamic=True)  # compiles what forward calls, in place: state-dict keys unchanged
@@ -175,19 +173,6 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         is_main_process=is_main,
     )
     return run
-
-
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> Any:
-    t = cfg.training
-    name = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup"}[t.lr_scheduler]
-    extra = {"min_lr_rate": t.min_lr_ratio} if t.lr_scheduler == "cosine" else None
-    return get_scheduler(
-        name,
-        optimizer,
-        num_warmup_steps=t.warmup_steps,
-        num_training_steps=t.max_steps,
-        scheduler_specific_kwargs=extra,
-    )
 
 
 def resume(run: Run) -> str | None:
@@ -372,6 +357,7 @@ def stream_metrics(stream: Any) -> dict[str, float]:
 
 
 def run_eval(run: Run) -> EvalResult:
+    """Evaluate on the held-out set; the eval line (with the data stream's counts), metrics.jsonl, the tracker."""
     result = evaluate(
         run.raw,
         run.eval_set,
@@ -379,17 +365,13 @@ def run_eval(run: Run) -> EvalResult:
         max_new_tokens=run.cfg.data.max_new_tokens,
         autocast=run.accelerator.autocast,
     )
-    run.metrics = result.metrics()
     if result.wer is not None and not math.isnan(result.wer):
         run.best_wer = result.wer if run.best_wer is None else min(run.best_wer, result.wer)
-        run.metrics["eval/best_wer"] = run.best_wer
+    run.metrics = result.metrics(best_wer=run.best_wer)
     data = data_summary(run)  # a collective: every rank takes part
     if run.accelerator.is_main_process:
-        wer = f" | WER: {result.wer:.1%}" if result.wer is not None else ""
-        log.info("Eval step %d | Loss: %.3f%s | %s", run.step, result.loss, wer, data)
+        log.info(result.line(run.step, data))
         append_metrics(run.output_dir, run.step, run.metrics)
-        for ref, hyp in result.examples[:2]:
-            log.info("  ref: %s\n  hyp: %s", ref, hyp)
     run.tracker.log(run.metrics, step=run.step)
     run.tracker.log_table(
         "eval/examples", ["reference", "hypothesis"], [list(e) for e in result.examples], step=run.step
@@ -401,11 +383,10 @@ def data_summary(run: Run) -> str:
     """What the training stream kept and dropped since this process started, summed over every rank."""
     stats = run.stream.stats()
     reasons = [reason.value for reason in DropReason]
-    counts = [stats.get("samples", 0), *(stats.get(f"dropped/{r}", 0) for r in reasons)]
-    if run.accelerator.num_processes > 1:
-        total = torch.tensor(counts, dtype=torch.float64, device=run.accelerator.device)
-        counts = [int(v) for v in run.accelerator.reduce(total, reduction="sum").tolist()]
-    return format_data(int(counts[0]), {r: int(n) for r, n in zip(reasons, counts[1:], strict=True)})
+    kept, *dropped = sum_over_ranks(
+        run.accelerator, [stats.get("samples", 0), *(stats.get(f"dropped/{r}", 0) for r in reasons)]
+    )
+    return format_data(kept, dict(zip(reasons, dropped, strict=True)))
 
 
 def save(run: Run, *, final: bool) -> None:
