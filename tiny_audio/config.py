@@ -222,6 +222,10 @@ class TrainingConfig(Section):
     """Seed for weights, data order and everything random."""
     resume: bool = True
     """Continue from the latest checkpoint in the store when there is one; false starts fresh."""
+    init_from: str | None = None
+    """A finished checkpoint a FRESH run starts from: its projector (and its LoRA adapters, when it has them and
+    lora.enabled is set) are loaded before the first step. A local step-N folder or a Hub repo; e.g. the course's
+    second stage (`mlp-lora`) starts from the projector its first stage trained."""
     precision: PrecisionSetting = "auto"
     """Number formats (the projector's weights are fp32 in every case): bf16-mixed (frozen parts bf16, forwards
     under bf16 autocast), bf16-frozen (frozen parts bf16, projector computing in fp32), fp32-mixed (everything
@@ -238,6 +242,21 @@ class TrainingConfig(Section):
             known = ", ".join(sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")))
             raise ValueError(f"training.deepspeed must be one of {known} or a path to a .json file, got {name!r}")
         return self
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters on the decoder together with the projector (the course's second stage, `mlp-lora`)."""
+    rank: int = Field(32, ge=1)
+    """Rank of each adapter's low-rank update (the course's 32)."""
+    alpha: float = Field(64, gt=0)
+    """LoRA's scale numerator: updates are scaled by alpha / rank (the course's 64)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout on the adapters' input while training (the course's 0.1)."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """The decoder's projections that get adapters: Qwen3's attention and MLP projections, as the course does."""
 
 
 class HubConfig(Section):
@@ -302,6 +321,7 @@ class Config(Section):
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)

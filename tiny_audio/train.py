@@ -38,7 +38,7 @@ from tiny_audio.distributed import (
 )
 from tiny_audio.errors import OutOfGpuMemory, UserError
 from tiny_audio.evaluate import EvalResult, evaluate
-from tiny_audio.export import export_model
+from tiny_audio.export import export_model, init_from_checkpoint
 from tiny_audio.health import EvalWatch
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model, parameter_report
@@ -162,6 +162,8 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
         compiled=compiled,
     )
     run_id = resume(run) if t.resume else None
+    if run.step == 0 and t.init_from:  # a fresh run of a second stage starts from the first stage's weights
+        init_from_checkpoint(model, cfg, token=token)
     if is_main:
         log.info(meter.describe())
     run.tracker = start_tracker(
@@ -185,6 +187,7 @@ def resume(run: Run) -> str | None:
         scheduler=run.scheduler,
         stream=run.stream,
         config=run.cfg.to_dict(),
+        decoder=run.raw.decoder,
     )
     if state is None:
         return None
@@ -413,6 +416,7 @@ def save(run: Run, *, final: bool) -> None:
         config=config,
         model_files=lambda d: export_model(d, model=run.raw, config=config, step=run.step, metrics=run.metrics),
         final=final,
+        decoder=run.raw.decoder,
     )
 
 

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from tiny_audio.errors import UserError
 from tiny_audio.hub import describe
+from tiny_audio.model.lora import has_adapters, load_adapters, save_adapters
 from tiny_audio.redact import redact
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,9 @@ COMPATIBILITY_KEYS = (
     ("projector", "hidden_dim"),
     ("projector", "num_experts"),
     ("projector", "match_embedding_rms"),
+    ("lora", "enabled"),
+    ("lora", "rank"),
+    ("lora", "target_modules"),
 )
 
 START_FRESH = "to start fresh set training.resume=false, or use a new training.hub_model_id / OUTPUT_DIR"
@@ -71,6 +75,7 @@ def write_checkpoint(
     export_files: dict[str, Path] | None = None,
     ranks: list[RankState] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    decoder: torch.nn.Module | None = None,
 ) -> None:
     """Write everything resuming needs into `directory` (created), ending with its manifest.
 
@@ -79,10 +84,13 @@ def write_checkpoint(
     JSON state. config: the resolved config dict; secrets are scrubbed before writing. export_files: extra
     files copied in as {name in the checkpoint: source path}. ranks: on a multi-process run, every rank's
     `RankState` (gathered to the main process, rank order); None is this process alone. optimizer_state:
-    written instead of `optimizer.state_dict()` (DeepSpeed: every rank's ZeRO partition).
+    written instead of `optimizer.state_dict()` (DeepSpeed: every rank's ZeRO partition). decoder: given when it
+    carries LoRA adapters, whose weights go to adapters.safetensors.
     """
     directory.mkdir(parents=True, exist_ok=True)
     save_projector(projector, directory / PROJECTOR_FILE)
+    if decoder is not None and has_adapters(decoder):
+        save_adapters(decoder, directory)
     save_torch(optimizer.state_dict() if optimizer_state is None else optimizer_state, directory / "optimizer.pt")
     if scheduler is not None:
         save_torch(scheduler.state_dict(), directory / "scheduler.pt")
@@ -105,8 +113,10 @@ def read_checkpoint(
     scheduler: Any | None,
     config: dict[str, Any] | None = None,
     rank: int = 0,
+    decoder: torch.nn.Module | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Validate `directory` and restore projector weights, optimizer, scheduler and RNG states from it.
+    """Validate `directory` and restore projector weights, optimizer, scheduler and RNG states from it (and the
+    decoder's LoRA adapters, when `decoder` carries them).
 
     config: the current run's resolved config; when given, a checkpoint trained with an incompatible one
     (other models, other projector shape) is refused with a UserError saying how to start fresh.
@@ -132,6 +142,8 @@ def read_checkpoint(
             f"{directory / PROJECTOR_FILE} does not fit this projector (missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}); {START_FRESH}"
         )
+    if decoder is not None and has_adapters(decoder):
+        load_adapters(decoder, directory)
     if optimizer is not None:
         optimizer.load_state_dict(load_torch(directory / "optimizer.pt"))
     if scheduler is not None:

@@ -1,4 +1,5 @@
-"""What the training loop saves and resumes, over every process: the projector's weights, the optimizer (each
+"""What the training loop saves and resumes, over every process: the projector's weights (and the decoder's LoRA
+adapters in the second stage), the optimizer (each
 rank's ZeRO partition under DeepSpeed), the scheduler, every rank's RNG states and data position, and the loop's
 own state (step, metrics, tracker run, cost, health), so that a resumed run repeats the uninterrupted one.
 """
@@ -19,6 +20,7 @@ from tiny_audio.checkpoint.format import RankState, capture_rng, load_torch, rea
 from tiny_audio.checkpoint.store import CheckpointStore, find_checkpoint
 from tiny_audio.distributed import uses_deepspeed
 from tiny_audio.errors import UserError
+from tiny_audio.model.lora import adapter_parameters
 from tiny_audio.model.sharding import gathered
 
 log = logging.getLogger("tiny_audio")
@@ -36,6 +38,7 @@ def save_run(
     config: dict[str, Any],
     model_files: Callable[[Path], None],
     final: bool,
+    decoder: torch.nn.Module | None = None,
 ) -> Path | None:
     """Write the checkpoint of `train_state["step"]` and queue its upload; the local folder (main process) or None.
 
@@ -44,7 +47,7 @@ def save_run(
     gathered from every rank's slice first (the files are written inside that block).
     """
     acc = accelerator
-    with gathered(projector.parameters()):
+    with gathered([*projector.parameters(), *adapter_parameters(decoder)]):
         mine = RankState(rng=capture_rng(), data=stream.state_dict())
         ranks = gather_object([mine]) if acc.num_processes > 1 else [mine]
         optimizer_state: dict[str, Any] | None = None
@@ -65,6 +68,7 @@ def save_run(
                 config=config,
                 ranks=ranks,
                 optimizer_state=optimizer_state,
+                decoder=decoder,
             )
 
         step = int(train_state["step"])
@@ -82,6 +86,7 @@ def resume_run(
     scheduler: Any,
     stream: Any,
     config: dict[str, Any],
+    decoder: torch.nn.Module | None = None,
 ) -> dict[str, Any] | None:
     """Restore everything from the store's newest checkpoint, on every rank; its train state (None: no checkpoint)."""
     directory = find_checkpoint(store, accelerator)
@@ -90,7 +95,7 @@ def resume_run(
         return None
     deepspeed = uses_deepspeed(accelerator)
     # (under ZeRO-3 every rank reads the same weights into the gathered projector; rank 0's copy is re-sharded)
-    with gathered(projector.parameters(), modifier_rank=0):
+    with gathered([*projector.parameters(), *adapter_parameters(decoder)], modifier_rank=0):
         train_state, data_state = read_checkpoint(
             directory,
             projector=projector,
@@ -98,6 +103,7 @@ def resume_run(
             scheduler=scheduler,
             config=config,
             rank=accelerator.process_index,
+            decoder=decoder,
         )
     if deepspeed:
         load_deepspeed_optimizer(optimizer, directory, processes=accelerator.num_processes)

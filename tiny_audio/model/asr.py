@@ -23,6 +23,7 @@ from tiny_audio.compile import compile_forward
 from tiny_audio.model.augment import SpecAugment
 from tiny_audio.model.encoder import AudioEncoder
 from tiny_audio.model.features import LogMel
+from tiny_audio.model.lora import adapter_parameters, has_adapters
 from tiny_audio.model.sharding import gathered
 
 IGNORE = -100
@@ -119,6 +120,9 @@ class ASRModel(nn.Module):
         self.prompt = prompt
         self.stack: int = projector.stack
         decoder.requires_grad_(False)
+        for adapter in adapter_parameters(decoder):  # LoRA (the second stage) trains with the projector
+            adapter.requires_grad_(True)
+        self.decoder_trains = has_adapters(decoder)
         decoder.eval()
 
     def compile_parts(self, *, dynamic: bool = True) -> None:
@@ -132,10 +136,10 @@ class ASRModel(nn.Module):
         return [self.projector, self.decoder.base_model]
 
     def train(self, mode: bool = True) -> ASRModel:
-        # Only the projector ever trains; the frozen parts keep dropout off.
+        # The frozen parts keep dropout off; a decoder with LoRA adapters trains them (their dropout on).
         super().train(mode)
         self.encoder.train(False)
-        self.decoder.train(False)
+        self.decoder.train(mode and self.decoder_trains)
         return self
 
     # -- audio -> embeddings (each stage is a method, so the benchmark can time them one by one) -------------

@@ -12,6 +12,7 @@ from tiny_audio.config import Config
 from tiny_audio.model.asr import ASRModel, PromptBuilder
 from tiny_audio.model.augment import SpecAugment
 from tiny_audio.model.encoder import TOWER_PREFIXES, load_encoder
+from tiny_audio.model.lora import adapter_parameters, add_adapters
 from tiny_audio.model.projectors import build_projector
 from tiny_audio.model.sharding import full_numel, gathered
 
@@ -71,6 +72,11 @@ def build_model(
     decoder = AutoModelForCausalLM.from_pretrained(
         str(decoder_path), dtype=frozen_dtype, attn_implementation=m.attn_implementation
     )
+    if cfg.lora.enabled:
+        torch.manual_seed(cfg.training.seed)
+        add_adapters(decoder, cfg.lora)
+        for adapter in adapter_parameters(decoder):  # trained weights are fp32, as the projector's
+            adapter.data = adapter.data.float()
     torch.manual_seed(cfg.training.seed)
     projector = build_projector(
         cfg.projector,
