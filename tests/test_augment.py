@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import read_metrics, run_entrypoint
 
-from tiny_audio.config import load_config
+from tiny_audio.experiments import load_config
 from tiny_audio.model.augment import SpecAugment
 from tiny_audio.model.loading import build_model
 

@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from tests.hub_server import HubServer
 from tiny_audio import hub
 from tiny_audio.cli import app
-from tiny_audio.config import load_config
 from tiny_audio.errors import UserError
+from tiny_audio.experiments import load_config
 from tiny_audio.model.encoder import TOWER_PREFIXES
 from tiny_audio.model.loading import build_model, resolve_model_path
 from tiny_audio.preflight import preflight

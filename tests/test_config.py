@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tiny_audio.config import EXPERIMENTS_DIR, available_experiments, load_config, parse_override
+from tiny_audio.config import EXPERIMENTS_DIR
 from tiny_audio.errors import ConfigError
+from tiny_audio.experiments import available_experiments, load_config, parse_override
 
 
 @pytest.mark.parametrize("name", available_experiments())

@@ -16,8 +16,8 @@ from hub_server import HubServer
 from tiny_audio.assets import ASSETS_DIR
 from tiny_audio.checkpoint import MODEL_CONFIG_FILE, PROJECTOR_FILE
 from tiny_audio.cli import app
-from tiny_audio.config import load_config
 from tiny_audio.errors import UserError
+from tiny_audio.experiments import load_config
 from tiny_audio.export import export_model
 from tiny_audio.hub import HubRepo, RetryPolicy
 from tiny_audio.inference import evaluate_checkpoint, transcribe_files

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny_audio.config import load_config
+from tiny_audio.experiments import load_config
 from tiny_audio.inference import evaluate_checkpoint, transcribe_files
 from tiny_audio.plot import parse_log
 from tiny_audio.train import train

@@ -6,7 +6,7 @@ import torch
 from transformers import WhisperFeatureExtractor
 
 from tiny_audio.compile import compiled_graphs
-from tiny_audio.config import load_config
+from tiny_audio.experiments import load_config
 from tiny_audio.model import asr as asr_module
 from tiny_audio.model.asr import IGNORE, ASRModel
 from tiny_audio.model.loading import build_model, parameter_report

@@ -334,7 +334,7 @@ def _work(output_dir: Path, overrides: list[str]) -> None:
     import torch
 
     from tiny_audio.checkpoint.format import save_projector
-    from tiny_audio.config import load_config
+    from tiny_audio.experiments import load_config
     from tiny_audio.train import cleanup, setup, train_loop
 
     cfg = load_config("tiny", [*QUICK, "training.resume=false", "training.save_steps=1000", *overrides])

@@ -41,7 +41,8 @@ def test_the_wheel_ships_the_configs_and_assets_but_no_build_scripts(wheel: Path
 def test_an_installed_wheel_finds_its_experiments_and_shipped_data(wheel: Path, tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     probe = (
-        "from tiny_audio.config import CONFIG_DIR, available_experiments, load_config\n"
+        "from tiny_audio.config import CONFIG_DIR\n"
+        "from tiny_audio.experiments import available_experiments, load_config\n"
         "from tiny_audio.assets import resolve_asset\n"
         "import glob\n"
         "print(CONFIG_DIR)\n"

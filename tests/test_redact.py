@@ -10,7 +10,8 @@ import pytest
 from test_checkpoint import TOKEN, Run
 
 from tiny_audio.checkpoint import MODEL_CONFIG_FILE, RESUME_DIR, CheckpointStore
-from tiny_audio.config import HubConfig, available_experiments, load_config
+from tiny_audio.config import HubConfig
+from tiny_audio.experiments import available_experiments, load_config
 from tiny_audio.redact import RedactFilter, is_secret_key, redact
 
 

@@ -377,7 +377,7 @@ STEP_MONEY = re.compile(r"Step (\d+)/\d+ \| .* \| ETA: \S+ \| \$([\d,.]+) of ~\$
 
 
 def _train(output_dir: Path, *overrides: str, target: str | None = None) -> tuple[int, Run]:
-    from tiny_audio.config import load_config
+    from tiny_audio.experiments import load_config
     from tiny_audio.train import cleanup, setup, train_loop
 
     cfg = load_config("tiny", [*QUICK, *overrides])
@@ -462,7 +462,7 @@ class AlertRecorder(NullTracker):
 def test_a_health_warning_is_logged_and_alerted_and_ends_the_run_only_when_asked(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from tiny_audio.config import load_config
+    from tiny_audio.experiments import load_config
     from tiny_audio.train import cleanup, setup, train_loop
 
     with_eval = [o for o in QUICK if o != "data.eval=null"]

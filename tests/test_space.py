@@ -26,9 +26,9 @@ from tests.hub_server import HubServer
 from tiny_audio import hub, progress
 from tiny_audio.checkpoint import RESUME_DIR, verify_checkpoint
 from tiny_audio.cli import app
-from tiny_audio.config import load_config
 from tiny_audio.data import build_eval_set, build_train_stream
 from tiny_audio.errors import EXIT_OUT_OF_MEMORY, DiskFull, OutOfGpuMemory
+from tiny_audio.experiments import load_config
 from tiny_audio.model.projectors.mlp import MLPProjector
 from tiny_audio.space import KNOWN_DOWNLOAD_BYTES, checkpoint_bytes, free_bytes, plan_space
 

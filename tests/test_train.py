@@ -20,10 +20,11 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from tiny_audio.checkpoint import PROJECTOR_FILE, RESUME_DIR, read_checkpoint
-from tiny_audio.config import Config, load_config
+from tiny_audio.config import Config
 from tiny_audio.data import build_train_stream
 from tiny_audio.data.batching import Batch
 from tiny_audio.distributed import check_world_size, gradient_accumulation, make_accelerator
+from tiny_audio.experiments import load_config
 from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model

@@ -95,7 +95,7 @@ def resolve_target(cfg_target: str | None) -> str | None:
 
 
 def load_experiment(experiment: str | None, overrides: tuple[str, ...]):  # -> Config
-    from tiny_audio.config import available_experiments, load_config
+    from tiny_audio.experiments import available_experiments, load_config
 
     if not experiment:
         raise UserError(

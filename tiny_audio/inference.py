@@ -22,9 +22,10 @@ import torch
 from pydantic import ValidationError
 
 from tiny_audio.checkpoint import MODEL_CONFIG_FILE, RESUME_DIR
-from tiny_audio.config import Config, DataConfig, load_config, parse_override
+from tiny_audio.config import Config, DataConfig
 from tiny_audio.errors import ConfigError, UserError
 from tiny_audio.evaluate import word_error_rate
+from tiny_audio.experiments import load_config, parse_override
 from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.precision import Precision

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_audio.config import load_config
 from tiny_audio.data.batching import collate
 from tiny_audio.evaluate import evaluate
+from tiny_audio.experiments import load_config
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model
 from tools.miniatures.pretrain_encoder import endless_batches, log_mel, pad_features
