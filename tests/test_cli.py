@@ -264,3 +264,10 @@ def test_check_names_online_tracking_without_a_key_as_a_problem(tmp_path: Path, 
     result = invoke(["check", "tracking.mode=online"], env={"EXP": "mlp", "OUTPUT_DIR": str(tmp_path / "out")})
     assert result.exit_code == 2
     assert "WANDB_API_KEY" in result.stderr
+
+
+def test_check_names_the_second_stage(tmp_path: Path) -> None:
+    result = invoke(["check", "training.init_from=me/stage-one"], env={"EXP": "mlp-lora", "OUTPUT_DIR": str(tmp_path)})
+    assert result.exit_code == 0, result.output
+    assert "lora:       rank 32, alpha 64, dropout 0.1 on q_proj, k_proj, v_proj, o_proj" in result.stdout
+    assert "starts from: me/stage-one" in result.stdout

@@ -61,6 +61,14 @@ def preflight(cfg: Config, *, token: str | None, target: str | None, output_dir:
     in_dim, out_dim = width_of(m.encoder_id), width_of(m.decoder_id)
     params = f", {projector_parameters(cfg, in_dim, out_dim):,} trainable parameters" if in_dim and out_dim else ""
     report.lines.append(f"projector:  {p.type} (stack {p.stack}, hidden {p.hidden_dim}{params})")
+    if cfg.lora.enabled:
+        lora = cfg.lora
+        report.lines.append(
+            f"lora:       rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} on "
+            f"{', '.join(lora.target_modules)} (trained with the projector)"
+        )
+    if cfg.training.init_from:
+        report.lines.append(f"starts from: {cfg.training.init_from} (its projector, for a fresh run)")
     gpus = torch.cuda.device_count()
     processes = int(os.environ.get("NUM_PROCESSES") or max(gpus, 1))
     report.lines += recipe_lines(cfg, processes=processes, report=report)
