@@ -325,6 +325,8 @@ def model_download_bytes(
 
     if ref.startswith(ASSET_SCHEME) or Path(ref).expanduser().is_dir() or is_cached(ref, revision, prefixes=prefixes):
         return 0
+    if hub.check_access(ref, repo_type="model", token=token, endpoint=endpoint) != "ok":
+        return KNOWN_DOWNLOAD_BYTES.get(ref)  # one quick question, no retries: an unreachable Hub costs no wait
     if prefixes:
         size = hub.part_size(ref, prefixes=prefixes, revision=revision, token=token, endpoint=endpoint)
     else:
