@@ -72,6 +72,7 @@ COMPATIBILITY_KEYS = (
     ("projector", "stack"),
     ("projector", "hidden_dim"),
     ("projector", "num_experts"),
+    ("projector", "router_hidden_dim"),
     ("projector", "match_embedding_rms"),
 )
 _START_FRESH = "to start fresh set training.resume=false, or use a new training.hub_model_id / OUTPUT_DIR"
