@@ -97,10 +97,12 @@ def test_a_clip_projects_the_same_alone_and_padded_in_a_batch(kind: str) -> None
 
 
 @pytest.mark.parametrize("kind", sorted(PROJECTORS))
-def test_output_starts_at_the_decoder_embedding_scale(kind: str) -> None:
-    projector = build_projector(ProjectorConfig(type=kind, hidden_dim=32), in_dim=8, out_dim=64, target_rms=0.7)
-    out, _ = projector(torch.randn(2, 40, 8))
+def test_output_starts_at_the_decoder_embedding_scale_when_asked(kind: str) -> None:
+    cfg = ProjectorConfig(type=kind, hidden_dim=32, match_embedding_rms=True)
+    out, _ = build_projector(cfg, in_dim=8, out_dim=64, target_rms=0.7)(torch.randn(2, 40, 8))
     assert out.pow(2).mean().sqrt().item() == pytest.approx(0.7, rel=0.05)
+    plain = build_projector(ProjectorConfig(type=kind, hidden_dim=32), in_dim=8, out_dim=64, target_rms=0.7)
+    assert not any(isinstance(m, nn.RMSNorm) for m in plain.scale.modules())  # off by default, as in the course
 
 
 def test_stack_frames_puts_consecutive_frames_side_by_side() -> None:
