@@ -80,7 +80,7 @@ class ProjectorConfig(Section):
     """Hidden width of the mlp / of each expert. None: the course's for the type: mlp 2048 (~12.6M parameters for
     1280 -> 1024), mosa 4096, moe stack x encoder width (5120 for GLM-ASR)."""
     num_experts: int = Field(4, ge=1, le=64)
-    """Experts in mosa / routed experts in moe (mosa, moe)."""
+    """Adapters in mosa / routed experts in moe, besides its shared one."""
     router_hidden_dim: int = Field(512, ge=1)
     """Hidden width of mosa's two-layer ReLU router, which reads each token's frames mean-pooled (mosa only)."""
     top_k: int = Field(2, ge=1)
@@ -93,8 +93,8 @@ class ProjectorConfig(Section):
     """Dropout inside the projector MLPs."""
     match_embedding_rms: bool = False
     """RMS-normalise each output token and scale it to the RMS of the decoder's token embeddings (a learnable gain).
-    Off, as in the course's projectors: it does not help. Trained both ways, the miniature run learned faster
-    without it and ended no worse (figures in the README)."""
+    Off, as in the course's projectors, because it does not help: trained both ways, the miniature run learned
+    faster without it and ended at a lower loss (figures in the README)."""
 
     @field_validator("*")
     @classmethod

@@ -33,8 +33,8 @@ class FeedForward(nn.Module):
 class OutputScale(nn.Module):
     """RMS-normalise each output token, then scale by a learnable gain starting at the decoder embeddings' RMS.
 
-    `projector.match_embedding_rms`; None (the default) makes it the identity, as the course's projectors have no
-    such scaling.
+    On with `projector.match_embedding_rms`; otherwise (target_rms None) the identity, as the course's projectors
+    have no such scaling.
     """
 
     def __init__(self, *, dim: int, target_rms: float | None) -> None:
