@@ -5,18 +5,22 @@ import torch
 from transformers import GlmAsrEncoder, GlmAsrEncoderConfig, Qwen3Config, Qwen3ForCausalLM
 
 from tiny_audio.bench import step
+from tiny_audio.config import ProjectorConfig
+from tiny_audio.model.projectors import build_projector
 
 TOY = [
     *["--enc-dim", "32", "--enc-layers", "1", "--enc-heads", "2", "--proj-hidden", "16"],
     *["--dec-dim", "32", "--dec-layers", "1", "--dec-heads", "2", "--vocab", "1000"],
     *["--batch-size", "2", "--steps", "1", "--bucket-batches", "2"],
+    *["--projector-widths", "bench", "--projector-steps", "1"],  # the projectors alone at the toy widths
 ]
 
 
 def test_bench_runs_at_a_toy_size_and_prints_json(capsys, tmp_path) -> None:
     out_file = tmp_path / "bench.json"
     step.main([*TOY, "--json-out", str(out_file)])
-    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    text = capsys.readouterr().out
+    printed = json.loads(text.strip().splitlines()[-1])
     assert printed == json.loads(out_file.read_text())
     fast, naive = printed["fast"], printed["naive"]
     for figures in (fast, naive):
@@ -29,6 +33,20 @@ def test_bench_runs_at_a_toy_size_and_prints_json(capsys, tmp_path) -> None:
     assert naive["gflops_per_sample"] > fast["gflops_per_sample"]
     assert fast["full_over_irreducible"] > 0
     assert set(printed["projection"]) == {"qwen3-0.6b/fast", "qwen3-0.6b/naive", "qwen3-1.7b/fast", "qwen3-1.7b/naive"}
+    # The three projectors side by side, each at the course's size between the given widths, on one batch.
+    alone = printed["projectors"]
+    assert set(alone) == {"mlp", "mosa", "moe"}
+    for kind, row in alone.items():
+        built = build_projector(ProjectorConfig(type=kind), in_dim=32, out_dim=32, target_rms=0.03)
+        assert row["parameters"] == sum(p.numel() for p in built.parameters())
+        assert (row["in_dim"], row["out_dim"]) == (32, 32) and row["step_ms"] > 0 and "peak_memory_mb" in row
+    assert len({row["tokens"] for row in alone.values()}) == 1 and alone["mlp"]["tokens"] > 0
+    assert "projectors alone (forward + backward, 2 clips" in text
+
+
+def test_the_projectors_alone_section_uses_the_courses_real_widths() -> None:
+    # GLM-ASR-Nano's 1280-wide frames into Qwen3-0.6B (1024) for mlp, into Qwen3-1.7B (2048) for mosa and moe.
+    assert step.PROJECTOR_WIDTHS == {"mlp": (1280, 1024), "mosa": (1280, 2048), "moe": (1280, 2048)}
 
 
 def test_layer_weight_counts_match_the_real_architectures() -> None:

@@ -12,6 +12,10 @@ the real vocabulary, the projector of `--projector`. Clips follow a realistic le
   device, encoder under inference mode on real lengths, logits and cross-entropy at label positions only;
 - naive: every clip padded to 30 s (375 audio tokens each), no bucketing, logits at every decoder position.
 
+A last section times the projectors alone, side by side: forward + backward of mlp (1280 -> 1024), mosa and moe
+(1280 -> 2048) at the course's real sizes (12.6M, 118.1M and 183.6M parameters) on a bucketed batch of the same
+realistic lengths, with their parameters and peak memory (`--projector-widths`).
+
 "Irreducible" is the encoder forward plus the decoder forward/backward (activation gradients only, logits at label
 positions) on the same batch, timed in isolation with plain calls. FLOPs per sample at the real sizes and the
 projected time of 20,000 steps on an A40 and an H100 come from the published model configs (see REAL_* below).
@@ -20,6 +24,9 @@ projected time of 20,000 steps on an A40 and an H100 come from the published mod
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import json
 import math
 import os
@@ -464,6 +471,84 @@ def real_projection(*, steps: int, batch_size: int, utilisation: float, seed: in
     return out
 
 
+# -- the projectors alone at real widths ----------------------------------------------------------------------------
+# The course's pairings: GLM-ASR-Nano's frames into Qwen3-0.6B for mlp, into Qwen3-1.7B for mosa and moe.
+PROJECTOR_WIDTHS = {
+    "mlp": (REAL_06B.enc_dim, REAL_06B.dec_dim),
+    "mosa": (REAL_17B.enc_dim, REAL_17B.dec_dim),
+    "moe": (REAL_17B.enc_dim, REAL_17B.dec_dim),
+}
+
+
+def projector_step(
+    projector: torch.nn.Module, features: torch.Tensor, mask: torch.Tensor, device: torch.device
+) -> None:
+    """Forward, a loss on the real tokens plus the projector's aux loss, backward."""
+    with autocast(device):
+        out, aux = projector(features, mask)  # [B, T', D]
+        loss = out[mask].float().square().mean() + aux
+    loss.backward()
+    projector.zero_grad(set_to_none=True)
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the next projector's resident set starts from what is used."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def bench_projectors(
+    seconds: list[float], *, widths: dict[str, tuple[int, int]], device: torch.device, steps: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """Each projector at the course's size (`ProjectorConfig`'s defaults) between the given widths, trained alone on
+    one batch of random encoder frames shaped like clips of `seconds` (padded to the longest, real tokens masked).
+
+    Peak memory is what building and training the projector adds: weights, gradients and one step's activations
+    (no optimizer state), above what the process held before (CUDA allocator, or the resident set on CPU).
+    """
+    frames = [math.ceil(s * 100 / 2) for s in seconds]  # log-mel at 100 Hz, encoder stride 2: 50 Hz
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as the frozen encoder's output
+    out = {}
+    for kind, (in_dim, out_dim) in widths.items():
+        cfg = ProjectorConfig(type=kind)
+        torch.manual_seed(seed)
+        features = torch.randn(len(frames), max(frames), in_dim, device=device, dtype=dtype)  # [B, T, C]
+        tokens = torch.tensor(frames, device=device) // cfg.stack  # [B]
+        mask = torch.arange(max(frames) // cfg.stack, device=device)[None, :] < tokens[:, None]  # [B, T']
+        gc.collect()
+        trim_heap()
+        memory = PeakMemory(device)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else memory.rss()
+        timer = Timer(device)
+        with memory.watch():
+            projector = build_projector(cfg, in_dim=in_dim, out_dim=out_dim, target_rms=0.03).to(device).train()
+            projector_step(projector, features, mask, device)  # warm-up
+            timer.start()
+            for _ in range(steps):
+                projector_step(projector, features, mask, device)
+            timer.lap("step")
+        out[kind] = {
+            "in_dim": in_dim,
+            "out_dim": out_dim,
+            "parameters": sum(p.numel() for p in projector.parameters()),
+            "tokens": int(tokens.sum()),
+            "step_ms": 1000 * timer.totals["step"] / steps,
+            "peak_memory_mb": (memory.peak - before) / 2**20,
+        }
+        del projector, features
+    return out
+
+
+def print_projector_table(result: dict[str, dict[str, float]], *, clips: int, device: torch.device) -> None:
+    dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
+    tokens = next(iter(result.values()))["tokens"]
+    print(f"\nprojectors alone (forward + backward, {clips} clips, {tokens} audio tokens, {dtype} on {device}):")
+    print(f"{'':<6}{'widths':>14}{'parameters':>14}{'ms/step':>10}{'peak MiB':>10}")
+    for kind, row in result.items():
+        widths = f"{row['in_dim']} -> {row['out_dim']}"
+        print(f"{kind:<6}{widths:>14}{row['parameters']:>14,}{row['step_ms']:>10.1f}{row['peak_memory_mb']:>10.0f}")
+
+
 # -- report --------------------------------------------------------------------------------------------------------
 def bench_flops(model: ASRModel, sizes: Sizes, batches: list[list[Clip]], *, naive: bool) -> float:
     """Model FLOPs per sample of the benchmark's own model on its timed clips (for the achieved FLOP/s)."""
@@ -536,6 +621,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--project-batch-size", type=int, default=8, help="clips per step for the projection (mlp: 8)")
     p.add_argument("--compile", action="store_true", help="torch.compile projector and decoder (dynamic shapes)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--projector-widths",
+        choices=("real", "bench", "none"),
+        default="real",
+        help="the projectors-alone section: real (mlp 1280->1024, mosa and moe 1280->2048), bench (this benchmark's "
+        "encoder and decoder widths: quick), none (skip it)",
+    )
+    p.add_argument("--projector-steps", type=int, default=2, help="timed steps per projector, after one warm-up")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -602,8 +695,21 @@ def main(argv: list[str] | None = None) -> dict:
         "utilisation": args.utilisation,
         "projected_steps": args.project_steps,
         "projected_batch_size": args.project_batch_size,
+        "projector_widths": args.projector_widths,
+        "projector_steps": args.projector_steps,
     }
     print_table(result)
+    if args.projector_widths != "none":
+        widths = PROJECTOR_WIDTHS
+        if args.projector_widths == "bench":
+            widths = {kind: (sizes.enc_dim, sizes.dec_dim) for kind in PROJECTOR_WIDTHS}
+        # the bucketed batch of median total length: a batch as the trainer forms them, of typical size
+        clips = sorted(fast_batches, key=lambda b: sum(c.seconds for c in b))[len(fast_batches) // 2]
+        del model  # the section measures the projectors' own memory
+        result["projectors"] = bench_projectors(
+            [c.seconds for c in clips], widths=widths, device=device, steps=args.projector_steps, seed=args.seed
+        )
+        print_projector_table(result["projectors"], clips=len(clips), device=device)
     text = json.dumps(result, sort_keys=True)
     if args.json_out:
         with open(args.json_out, "w") as f:

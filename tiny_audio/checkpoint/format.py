@@ -54,6 +54,7 @@ COMPATIBILITY_KEYS = (
     ("projector", "stack"),
     ("projector", "hidden_dim"),
     ("projector", "num_experts"),
+    ("projector", "router_hidden_dim"),
     ("projector", "match_embedding_rms"),
     ("lora", "enabled"),
     ("lora", "rank"),

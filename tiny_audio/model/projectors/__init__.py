@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tiny_audio.config import ProjectorConfig
+from tiny_audio.config import PROJECTOR_SETTINGS, ProjectorConfig
 from tiny_audio.model.projectors.mlp import MLPProjector
 from tiny_audio.model.projectors.moe import MoEProjector
 from tiny_audio.model.projectors.mosa import MOSAProjector
@@ -17,22 +17,8 @@ PROJECTORS: dict[str, type[nn.Module]] = {"mlp": MLPProjector, "mosa": MOSAProje
 
 
 def build_projector(cfg: ProjectorConfig, *, in_dim: int, out_dim: int, target_rms: float | None) -> nn.Module:
-    """Turn the projector section of the config into keyword arguments for the registered class."""
-    common = {
-        "in_dim": in_dim,
-        "out_dim": out_dim,
-        "stack": cfg.stack,
-        "hidden_dim": cfg.hidden_dim,
-        "dropout": cfg.dropout,
-        "target_rms": target_rms if cfg.match_embedding_rms else None,
-    }
-    if cfg.type == "mosa":
-        common["num_experts"] = cfg.num_experts
-    if cfg.type == "moe":
-        common |= {
-            "num_experts": cfg.num_experts,
-            "top_k": cfg.top_k,
-            "aux_loss_coef": cfg.aux_loss_coef,
-            "z_loss_coef": cfg.z_loss_coef,
-        }
-    return PROJECTORS[cfg.type](**common)
+    """The registered class of `cfg.type`, given the settings that type reads (`PROJECTOR_SETTINGS`) as keywords."""
+    settings = {name: getattr(cfg, name) for name in PROJECTOR_SETTINGS[cfg.type]}
+    return PROJECTORS[cfg.type](
+        in_dim=in_dim, out_dim=out_dim, target_rms=target_rms if cfg.match_embedding_rms else None, **settings
+    )

@@ -1,4 +1,4 @@
-"""Pieces every projector shares: frame stacking, the expert MLP, and output scaling to the decoder's embeddings."""
+"""Pieces every projector shares: frame stacking, the expert MLP, and optional output scaling."""
 
 from __future__ import annotations
 
@@ -33,9 +33,8 @@ class FeedForward(nn.Module):
 class OutputScale(nn.Module):
     """RMS-normalise each output token, then scale by a learnable gain starting at the decoder embeddings' RMS.
 
-    A freshly initialised MLP emits vectors ~30x smaller than Qwen3's token embeddings; the decoder then barely
-    notices them and learning crawls. Starting at the right scale removes that handicap.
-    None disables it (identity).
+    On with `projector.match_embedding_rms`; otherwise (target_rms None) the identity, as the course's projectors
+    have no such scaling.
     """
 
     def __init__(self, *, dim: int, target_rms: float | None) -> None:
