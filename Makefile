@@ -49,11 +49,11 @@ test-container: setup  ## build, run and push the real image with podman (CI run
 test-all: setup  ## every test, the container build and the slow runs included
 	$(BIN)/python -m pytest -q -m ""
 
-bench: setup  ## time a training step against its irreducible parts and a naive baseline (BENCH_ARGS; CPU is fine)
-	$(BIN)/python -m tiny_audio.bench.step $(BENCH_ARGS)
+bench: setup  ## a training step against its irreducible parts, a naive baseline and torch.compile (BENCH_ARGS; CPU is fine)
+	$(BIN)/python -m tools.bench.step $(BENCH_ARGS)
 
 bench-data: setup  ## data-pipeline throughput per CPU core and padding, with and without bucketing
-	$(BIN)/python -m tiny_audio.bench.data
+	$(BIN)/python -m tools.bench.data
 
 lint: setup  ## ruff
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Data-pipeline throughput: samples/s and audio-seconds/s per CPU core, and padding, with and without bucketing.
 
-    python -m tiny_audio.bench.data                 # a few hundred generated clips of 2-30 s
-    python -m tiny_audio.bench.data --tiny          # the tiny experiment's shipped shards
+    python -m tools.bench.data                 # a few hundred generated clips of 2-30 s
+    python -m tools.bench.data --tiny          # the tiny experiment's shipped shards
 
 Clips are streamed from local parquet shards through the real pipeline (datasets streaming, seeded shuffle,
 header probe, soundfile decode, soxr resample, filters, bucketing, collation, prefetch threads). "Per core" is
