@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tiny_audio.config import PROJECTOR_SETTINGS
 from tiny_audio.errors import UserError
 from tiny_audio.hub import describe
 from tiny_audio.model.lora import has_adapters, load_adapters, save_adapters
@@ -197,7 +198,11 @@ def verify_checkpoint(directory: Path) -> dict[str, Any]:
 def check_compatible(*, stored: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """UserError when a stored config differs from the current one in a setting that shapes the model."""
     differences = []
+    kind = current.get("projector", {}).get("type")
+    read = {"type", "match_embedding_rms", *PROJECTOR_SETTINGS.get(kind, ())}
     for section, key in COMPATIBILITY_KEYS:
+        if section == "projector" and key not in read:
+            continue  # a setting this projector type does not read cannot make its weights differ
         old = stored.get(section, {}).get(key)
         new = current.get(section, {}).get(key)
         if old != new:
