@@ -47,3 +47,24 @@ def test_an_error_of_the_step_itself_is_not_taken_for_a_compile_failure() -> Non
     assert guard.active and is_compiled(layer)
     uncompile(layer)
     assert not is_compiled(layer) and layer.forward.__func__ is nn.Linear.forward
+
+
+def test_auto_compiles_on_a_gpu_only() -> None:
+    from tiny_audio.compile import wanted
+
+    assert wanted("auto", device_type="cuda") and not wanted("auto", device_type="cpu")
+    assert wanted(True, device_type="cpu") and not wanted(False, device_type="cuda")
+
+
+@pytest.mark.slow
+def test_bucketed_lengths_do_not_recompile(tmp_path) -> None:
+    """A short compiled run of the tiny experiment over batches of different lengths builds its graphs once (torch's
+    own counters, logged as compile/graphs at every step)."""
+    from test_train import read_metrics, run_entrypoint
+
+    result = run_entrypoint(tmp_path, "training.compile=true", "training.max_steps=6", "training.save_steps=6")
+    assert result.returncode == 0, result.stderr[-3000:]
+    graphs = [m["compile/graphs"] for m in read_metrics(tmp_path)]
+    assert graphs[0] > 0 and graphs == [graphs[0]] * 6, graphs
+    assert "causing recompilation" not in result.stdout
+    assert "torch.compile failed" not in result.stdout + result.stderr

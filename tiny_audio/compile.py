@@ -25,6 +25,11 @@ RECOMPILE_LIMIT = 64
 """Graphs dynamo may keep per compiled function (its default, 8, is meant for a handful of static shapes)."""
 
 
+def wanted(setting: bool | str, *, device_type: str) -> bool:
+    """`training.compile`: true, false, or auto (on with CUDA, off on the CPU)."""
+    return device_type == "cuda" if setting == "auto" else bool(setting)
+
+
 def compile_forward(module: nn.Module, *, dynamic: bool = True) -> None:
     """Replace `module.forward` by its compiled version; `uncompile` restores it."""
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)

@@ -275,8 +275,9 @@ class TrainingConfig(Section):
     """Number formats (the projector's weights are fp32 in every case): bf16-mixed (frozen parts bf16, forwards
     under bf16 autocast), bf16-frozen (frozen parts bf16, projector computing in fp32), fp32-mixed (everything
     fp32, bf16 autocast), fp32 (no autocast). auto: bf16-mixed on CUDA, fp32 on CPU."""
-    compile: bool = False
-    """torch.compile the projector and decoder (CUDA)."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile the projector and the decoder's body (dynamic shapes; kernels cached on the volume). auto: on
+    with a GPU, off on CPU (compiling a CPU run costs more than it saves). A failed compile falls back to eager."""
     deepspeed: str | None = None
     """DeepSpeed ZeRO: zero1, zero2, zero3 (configs/deepspeed/<name>.json) or a path to a JSON config; None: DDP."""
 

@@ -119,6 +119,7 @@ def recipe_lines(cfg: Config, *, processes: int, report: Report) -> list[str]:
         )
     accumulation = max(global_batch // per_step, 1)
     precision = t.precision if t.precision != "auto" else "auto (bf16-mixed on a GPU, fp32 on CPU)"
+    compiled = {True: "on", False: "off"}.get(t.compile, "auto (on with a GPU)")  # type: ignore[call-overload]
     evaluation = (
         f"eval every {t.eval_steps} steps on {d.eval_samples} held-out samples (WER on {d.eval_wer_samples}, "
         f"up to {d.max_new_tokens} new tokens)"
@@ -130,7 +131,7 @@ def recipe_lines(cfg: Config, *, processes: int, report: Report) -> list[str]:
         f"accumulation x {processes} process(es)",
         f"optimizer:  AdamW lr {t.learning_rate:.1e} (betas {t.adam_beta1:g}/{t.adam_beta2:g}, weight decay "
         f"{t.weight_decay:g}), {t.warmup_steps} warm-up steps then {t.lr_scheduler}, clip {t.max_grad_norm:g}, "
-        f"precision {precision}",
+        f"precision {precision}, torch.compile {compiled}",
         f"schedule:   {evaluation}; checkpoint every {t.save_steps} steps",
     ]
 

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 
 from tiny_audio.checkpoint import CheckpointStore, resume_run, save_run
 from tiny_audio.compile import CompileGuard
+from tiny_audio.compile import wanted as compile_wanted
 from tiny_audio.config import Config
 from tiny_audio.cost import CostMeter, start_meter
 from tiny_audio.data import DropReason, EvalSet, build_eval_set, build_train_stream
@@ -118,7 +119,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
     trainable = [p for p in model.parameters() if p.requires_grad]  # the projector's only
     optimizer = build_optimizer(cfg, trainable, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(cfg, optimizer)
-    if t.compile:
+    if compile_wanted(t.compile, device_type=accelerator.device.type):
         model.compile_parts(dynamic=True)  # compiles what forward calls, in place: state-dict keys unchanged
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     compiled = CompileGuard(model.compiled_parts(), reset=lambda: optimizer.zero_grad(set_to_none=True))
