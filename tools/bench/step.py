@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--proj-hidden", type=int, default=d.proj_hidden)
     p.add_argument("--utilisation", type=float, default=0.4, help="fraction of GPU bf16 peak for projections")
     p.add_argument("--project-steps", type=int, default=20_000)
-    p.add_argument("--project-batch-size", type=int, default=32, help="clips per step for the projection (the course: 32)")
+    p.add_argument(
+        "--project-batch-size", type=int, default=32, help="clips per step for the projection (the course: 32)"
+    )
     p.add_argument(
         "--compile-projectors",
         default="mlp,mosa,moe",
