@@ -24,7 +24,7 @@ MAX_WER = 0.15
 # And it must start from nothing: the untrained model (evaluated at step 0) does not recognise a word (98%).
 MIN_FIRST_WER = 0.9
 # The LoRA stage's eval loss, against the projector alone's after as many more steps: measured 0.69 (0.146 against
-# 0.213 after 300 steps); with the adapters frozen on purpose (no gradient reaches them) the ratio is ~1.
+# 0.213 after 300 steps); with the adapters frozen on purpose (no gradient reaches them) 1.00 (0.213 against 0.213).
 LORA_LOSS_RATIO = 0.85
 
 
@@ -65,6 +65,7 @@ def mini_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, Path, st
 def test_mini_run_learns_to_recognise_held_out_speech(mini_run: tuple[Config, Path, str], tmp_path: Path) -> None:
     cfg, run, log = mini_run
     curves = parse_log(log)
+    print(f"mini: held-out WER % by step {curves.wer}, eval loss {curves.eval_loss[-1]}")
     assert curves.wer, "no evaluation was logged"
     assert curves.wer[0][0] == 0 and curves.wer[0][1] >= 100 * MIN_FIRST_WER, curves.wer
     assert curves.wer[-1][1] <= 100 * MAX_WER, curves.wer
@@ -85,12 +86,12 @@ def test_mini_run_learns_to_recognise_held_out_speech(mini_run: tuple[Config, Pa
     clip = tmp_path / "clip.ogg"
     import pyarrow.parquet as pq
 
-    shard = sorted((ASSETS_DIR / "mini" / "data").glob("eval-*.parquet"))[0]
-    row = pq.read_table(shard).slice(0, 1).to_pylist()[0]
-    clip.write_bytes(row["audio"]["bytes"])
+    _, shard, row = records[0]["key"].split("/")  # a clip eval scored: eval/<shard>/<row>
+    shards = sorted((ASSETS_DIR / "mini" / "data").glob("eval-*.parquet"))
+    clip.write_bytes(pq.read_table(shards[int(shard)]).slice(int(row), 1).to_pylist()[0]["audio"]["bytes"])
     [(path, text)] = list(transcribe_files(str(checkpoint), [clip], token=None))
     assert path == clip
-    assert text == next(r["hypothesis"] for r in records if r["reference"] == row["text"])
+    assert text == records[0]["hypothesis"]
 
 
 @pytest.mark.slow
@@ -112,6 +113,7 @@ def test_a_lora_stage_learns_more_than_the_projector_alone(mini_run: tuple[Confi
     for name, extra in (("projector", []), ("lora", ["lora.enabled=true"])):
         curves = parse_log(train_logged(load_config("mini", [*more, *extra]), tmp_path / name))
         results[name] = (curves.eval_loss[-1][1], curves.wer[-1][1])
+    print(f"200 more steps from the trained projector (eval loss, WER %): {results}")
     (alone_loss, alone_wer), (lora_loss, lora_wer) = results["projector"], results["lora"]
     assert lora_loss < LORA_LOSS_RATIO * alone_loss, results
     assert lora_wer < alone_wer, results

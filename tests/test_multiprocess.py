@@ -272,6 +272,34 @@ def test_deepspeed_zero2_trains_resumes_and_its_projector_loads_without_it(tmp_p
         assert torch.equal(tensor, weights[name]), name
 
 
+@pytest.mark.parametrize("deepspeed", [None, "zero2"])
+def test_the_lora_stage_trains_and_resumes_in_two_processes(tmp_path: Path, deepspeed: str | None) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from tiny_audio.export import load_trained
+
+    run = ["lora.enabled=true", "lora.rank=4", "training.batch_size=2", "training.max_steps=4", "training.save_steps=2"]
+    run += [f"training.deepspeed={deepspeed}"] if deepspeed else []
+    first = entrypoint(2, tmp_path, *run)
+    assert "decoder   trainable" in first.stdout
+    expected = interrupted_after(tmp_path, 2, 4)
+    again = entrypoint(2, tmp_path, *run)
+    assert "at step 2" in again.stdout
+    got = losses(tmp_path)
+    assert sorted(got) == [3, 4]
+    for step, loss in got.items():  # the adapters, their optimizer state and every rank's position restored
+        assert loss == pytest.approx(expected[step], rel=1e-6), step
+    final = tmp_path / "checkpoints/step-00000004"
+    model, _ = load_trained(final, device=torch.device("cpu"))
+    from peft import get_peft_model_state_dict
+
+    saved, loaded = load_file(str(final / "adapters.safetensors")), get_peft_model_state_dict(model.decoder)
+    assert saved.keys() == loaded.keys() and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
 def test_deepspeed_zero3_shards_every_weight_matches_ddp_resumes_and_its_projector_loads_without_it(
     tmp_path: Path,
 ) -> None:
