@@ -20,7 +20,8 @@ from tiny_audio.export import load_trained
 from tiny_audio.model.loading import build_model, parameter_report
 from tiny_audio.model.lora import ADAPTER_CONFIG_FILE, ADAPTERS_FILE, adapter_parameters
 from tiny_audio.precision import Precision
-from tiny_audio.train import cleanup, forward_backward, setup, train_loop
+from tiny_audio.step import forward_backward
+from tiny_audio.train import cleanup, setup, train_loop
 
 LORA = ["lora.enabled=true", "lora.rank=4", "lora.alpha=8"]
 

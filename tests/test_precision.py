@@ -14,7 +14,7 @@ from tiny_audio.data import build_train_stream
 from tiny_audio.distributed import deepspeed_config, make_accelerator
 from tiny_audio.model.loading import build_model
 from tiny_audio.precision import Precision
-from tiny_audio.train import forward_backward
+from tiny_audio.step import forward_backward
 
 SETTINGS = {  # setting -> (frozen dtype, autocast)
     "bf16-mixed": (torch.bfloat16, True),

@@ -28,7 +28,8 @@ from tiny_audio.experiments import load_config
 from tiny_audio.export import load_trained
 from tiny_audio.model.asr import ASRModel
 from tiny_audio.model.loading import build_model
-from tiny_audio.train import TrainingDiverged, cleanup, forward_backward, setup, train_loop
+from tiny_audio.step import forward_backward
+from tiny_audio.train import TrainingDiverged, cleanup, setup, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 # Short runs of the shipped tiny experiment: no evaluation, no tracker, one decode thread.

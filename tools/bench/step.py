@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from torch.nn import functional as F
 
 from tiny_audio.model.asr import IGNORE, LOSS_CHUNK, ASRModel, LinearCrossEntropy
-from tiny_audio.train import forward_backward
+from tiny_audio.step import forward_backward
 from tools.bench.flops import bench_flops, real_projection
 from tools.bench.projectors import PROJECTOR_WIDTHS, bench_projectors, print_projector_table
 from tools.bench.timing import PHASES, PeakMemory, Timer, autocast
@@ -61,7 +61,7 @@ def update(model: ASRModel, optimizer: torch.optim.Optimizer) -> None:
 
 
 def full_step(model: ASRModel, optimizer: torch.optim.Optimizer, clips: list[Clip], acc: Accelerator) -> None:
-    """What the trainer runs, uninstrumented: collate, its own `forward_backward` (tiny_audio.train), clip, update."""
+    """What the trainer runs, uninstrumented: collate, its own `forward_backward` (tiny_audio.step), clip, update."""
     forward_backward(model, model, acc, [collate_clips(clips)])
     update(model, optimizer)
 
