@@ -181,6 +181,20 @@ def test_log_mel_matches_the_whisper_feature_extractor() -> None:
     np.testing.assert_allclose(ours[0, :, :200].numpy(), reference, atol=2e-4)
 
 
+def test_the_model_s_features_always_split_into_whole_projector_groups(model: ASRModel) -> None:
+    """Frames are padded to 2 x the frame stack, so no batch length leaves a partial group (a compiled graph
+    would otherwise be built twice); the padded frames are zero and the clip's own frames are unchanged."""
+    audio, lengths = audio_batch((1.0, 0.52))
+    even = type(model.log_mel)(extractor=model.feature_extractor)
+    for n in range(90, 100):  # clips of 90 to 99 frames: every remainder
+        samples = n * model.log_mel.hop_length
+        features, _ = model.log_mel(audio[:, :samples], torch.clamp(lengths, max=samples))
+        plain, _ = even(audio[:, :samples], torch.clamp(lengths, max=samples))
+        assert features.shape[-1] % (2 * model.stack) == 0 and features.shape[-1] - plain.shape[-1] < 2 * model.stack
+        torch.testing.assert_close(features[..., : plain.shape[-1]], plain)
+        assert not features[..., plain.shape[-1] :].any()
+
+
 def test_encoder_output_of_a_padded_batch_equals_the_clip_alone(model: ASRModel) -> None:
     audio, lengths = audio_batch((1.0, 0.52))
     with torch.no_grad():

@@ -114,7 +114,7 @@ class ASRModel(nn.Module):
         self.spec_augment = spec_augment  # applied in training mode only
         self.encoder = encoder
         self.feature_extractor = extractor  # its settings are saved with every checkpoint
-        self.log_mel = LogMel(extractor=extractor)
+        self.log_mel = LogMel(extractor=extractor, multiple=2 * projector.stack)
         self.projector = projector
         self.decoder = decoder
         self.prompt = prompt

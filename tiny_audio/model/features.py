@@ -17,12 +17,18 @@ WINDOW_SECONDS = 30.0  # the window GLM-ASR's and Whisper's encoders were traine
 class LogMel(nn.Module):
     """audio [B, S] (16 kHz, zero-padded) + lengths [B] -> features [B, n_mels, T] + frame lengths [B].
 
-    T = S // hop, rounded up to an even number (the encoder's stride-2 conv then maps padded and unpadded clips
-    to the same frames); frames past a clip's length are zero, so padding never leaks into real frames.
+    T = S // hop, rounded up to a multiple of `multiple` (at least 2: the encoder's stride-2 conv then maps
+    padded and unpadded clips to the same frames); frames past a clip's length are zero, so padding never leaks
+    into real frames. The model asks for 2 x the projector's frame stack, so the encoder's output always splits
+    into whole groups: one compiled graph then serves every batch length, where a trailing partial group would
+    make torch.compile build a second one. The extra frames (under 0.1 s per batch) are masked like any padding.
     """
 
-    def __init__(self, *, extractor: WhisperFeatureExtractor) -> None:
+    def __init__(self, *, extractor: WhisperFeatureExtractor, multiple: int = 2) -> None:
         super().__init__()
+        if multiple % 2:
+            raise ValueError(f"LogMel(multiple={multiple}): the encoder's stride-2 conv needs an even multiple")
+        self.multiple = multiple
         self.n_fft = extractor.n_fft
         self.hop_length = extractor.hop_length
         self.sampling_rate = extractor.sampling_rate
@@ -45,8 +51,7 @@ class LogMel(nn.Module):
         peak = log_spec.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=(1, 2), keepdim=True)
         log_spec = (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
         log_spec = log_spec * valid[:, None, :]
-        if log_spec.shape[-1] % 2:
-            log_spec = nn.functional.pad(log_spec, (0, 1))
+        log_spec = nn.functional.pad(log_spec, (0, -log_spec.shape[-1] % self.multiple))
         return log_spec, frame_lengths
 
     @torch.no_grad()
