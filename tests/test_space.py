@@ -30,7 +30,8 @@ from tiny_audio.data import build_eval_set, build_train_stream
 from tiny_audio.errors import EXIT_OUT_OF_MEMORY, DiskFull, OutOfGpuMemory
 from tiny_audio.experiments import load_config
 from tiny_audio.model.projectors.mlp import MLPProjector
-from tiny_audio.space import KNOWN_DOWNLOAD_BYTES, checkpoint_bytes, free_bytes, plan_space
+from tiny_audio.space import free_bytes
+from tiny_audio.volume import KNOWN_DOWNLOAD_BYTES, checkpoint_bytes, plan_space
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_spaceTestTokenValue0123456789abc"

@@ -226,9 +226,9 @@ def check_writable(report: Report, output_dir: Path) -> None:
 
 def check_space(report: Report, cfg: Config, *, output_dir: Path, token: str | None) -> None:
     """What the run would write on the volume (models not yet cached, checkpoints, W&B) against its free space."""
-    from tiny_audio import space
+    from tiny_audio import volume
 
-    plan = space.plan_space(cfg, output_dir=output_dir, token=token)
+    plan = volume.plan_space(cfg, output_dir=output_dir, token=token)
     report.lines.append(f"volume:     {plan.describe()}")
     refusal, warning = plan.refusal(), plan.warning()
     if refusal:

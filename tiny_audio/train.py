@@ -47,9 +47,10 @@ from tiny_audio.precision import Precision
 from tiny_audio.redact import redact
 from tiny_audio.retry import RetryPolicy
 from tiny_audio.signals import EXIT_STOPPED, StopSignal
-from tiny_audio.space import check_volume, disk_full_is_one_line
+from tiny_audio.space import disk_full_is_one_line
 from tiny_audio.step import forward_backward
 from tiny_audio.tracking import Tracker, append_metrics, format_data, format_step, resolve_mode, start_tracker
+from tiny_audio.volume import check_volume
 
 log = logging.getLogger("tiny_audio")
 
