@@ -42,6 +42,7 @@ from tools.bench.timing import PHASES, PeakMemory, Timer, autocast
 from tools.bench.workload import (
     BENCH_DEFAULT,
     MAX_SECONDS,
+    REAL_SIZES,
     SAMPLE_RATE,
     Clip,
     Sizes,
@@ -291,6 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=4, help="clips per step (the experiments use 8: --batch-size 8)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per path, after one warm-up step")
     p.add_argument("--bucket-batches", type=int, default=32, help="batches sorted together (data.bucket_batches)")
+    p.add_argument(
+        "--real",
+        choices=("0.6b", "1.7b"),
+        help="the real models' exact sizes (GLM-ASR-Nano's tower and Qwen3-0.6B or 1.7B, all layers: a GPU's job); "
+        "the size flags below are then ignored",
+    )
     p.add_argument("--enc-dim", type=int, default=d.enc_dim)
     p.add_argument("--enc-layers", type=int, default=d.enc_layers)
     p.add_argument("--enc-heads", type=int, default=d.enc_heads)
@@ -322,19 +329,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", help="also write the JSON here")
     args = p.parse_args(argv)
 
-    sizes = Sizes(
-        enc_dim=args.enc_dim,
-        enc_layers=args.enc_layers,
-        enc_heads=args.enc_heads,
-        enc_ffn=4 * args.enc_dim,
-        dec_dim=args.dec_dim,
-        dec_layers=args.dec_layers,
-        dec_heads=args.dec_heads,
-        dec_kv_heads=max(1, args.dec_heads // 2),
-        dec_head_dim=args.dec_dim // args.dec_heads,
-        dec_ffn=3 * args.dec_dim,
-        vocab=args.vocab,
-        proj_hidden=args.proj_hidden,
+    sizes = (
+        REAL_SIZES[args.real]
+        if args.real
+        else Sizes(
+            enc_dim=args.enc_dim,
+            enc_layers=args.enc_layers,
+            enc_heads=args.enc_heads,
+            enc_ffn=4 * args.enc_dim,
+            dec_dim=args.dec_dim,
+            dec_layers=args.dec_layers,
+            dec_heads=args.dec_heads,
+            dec_kv_heads=max(1, args.dec_heads // 2),
+            dec_head_dim=args.dec_dim // args.dec_heads,
+            dec_ffn=3 * args.dec_dim,
+            vocab=args.vocab,
+            proj_hidden=args.proj_hidden,
+        )
     )
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -62,6 +62,7 @@ REAL_06B = Sizes(1280, 32, 20, 5120, 1024, 28, 16, 8, 128, 3072, 151_936, 2048)
 
 
 REAL_17B = Sizes(1280, 32, 20, 5120, 2048, 28, 16, 8, 128, 6144, 151_936, 2048)
+REAL_SIZES = {"0.6b": REAL_06B, "1.7b": REAL_17B}
 
 
 # Peak dense bf16 tensor throughput from NVIDIA's datasheets (A40: 149.7 TFLOPS; H100 SXM5: 989 TFLOPS).
@@ -72,8 +73,27 @@ BENCH_DEFAULT = Sizes(320, 8, 5, 1280, 256, 7, 4, 2, 64, 768, 151_936, 512)
 
 
 def build_model(sizes: Sizes, *, projector: str, device: torch.device, dtype: torch.dtype, seed: int) -> ASRModel:
-    """An ASRModel with random frozen parts built from configs, the tiny asset tokenizer and a fresh projector."""
+    """An ASRModel with random frozen parts built from configs, the tiny asset tokenizer and a fresh projector.
+
+    The frozen parts are initialised on `device` (at the real sizes a CPU takes minutes to fill 2B random weights)."""
     torch.manual_seed(seed)
+    with torch.device(device):
+        tower, decoder = _frozen_parts(sizes, dtype=dtype)
+    encoder = AudioEncoder(tower=tower, kind="glmasr", attn_implementation="sdpa")
+    tokenizer = load_tokenizer(resolve_asset("asset://tiny/decoder"), audio_token="<audio>")
+    prompt = PromptBuilder(tokenizer=tokenizer, instruction="Transcribe the audio.", audio_token="<audio>")
+    proj = build_projector(
+        ProjectorConfig(type=projector, stack=sizes.stack, hidden_dim=sizes.proj_hidden),
+        in_dim=sizes.enc_dim,
+        out_dim=sizes.dec_dim,
+        target_rms=embedding_rms(decoder),
+    )
+    extractor = WhisperFeatureExtractor(feature_size=sizes.n_mels)
+    model = ASRModel(encoder=encoder, extractor=extractor, projector=proj, decoder=decoder, prompt=prompt)
+    return model.to(device).train()
+
+
+def _frozen_parts(sizes: Sizes, *, dtype: torch.dtype) -> tuple[GlmAsrEncoder, Qwen3ForCausalLM]:
     tower = GlmAsrEncoder(
         GlmAsrEncoderConfig(
             hidden_size=sizes.enc_dim,
@@ -85,7 +105,6 @@ def build_model(sizes: Sizes, *, projector: str, device: torch.device, dtype: to
             attn_implementation="sdpa",
         )
     ).to(dtype)
-    encoder = AudioEncoder(tower=tower, kind="glmasr", attn_implementation="sdpa")
     decoder = Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=sizes.vocab,
@@ -99,17 +118,7 @@ def build_model(sizes: Sizes, *, projector: str, device: torch.device, dtype: to
             attn_implementation="sdpa",
         )
     ).to(dtype)
-    tokenizer = load_tokenizer(resolve_asset("asset://tiny/decoder"), audio_token="<audio>")
-    prompt = PromptBuilder(tokenizer=tokenizer, instruction="Transcribe the audio.", audio_token="<audio>")
-    proj = build_projector(
-        ProjectorConfig(type=projector, stack=sizes.stack, hidden_dim=sizes.proj_hidden),
-        in_dim=sizes.enc_dim,
-        out_dim=sizes.dec_dim,
-        target_rms=embedding_rms(decoder),
-    )
-    extractor = WhisperFeatureExtractor(feature_size=sizes.n_mels)
-    model = ASRModel(encoder=encoder, extractor=extractor, projector=proj, decoder=decoder, prompt=prompt)
-    return model.to(device).train()
+    return tower, decoder
 
 
 # -- clips and batches ---------------------------------------------------------------------------------------------
