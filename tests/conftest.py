@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,19 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 def qwen3_like_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """As `tiny_model_dirs`, with a chat template that switches thinking as Qwen3's does."""
     return build_tiny_models(tmp_path_factory.mktemp("qwen3-like-models"), chat_template=QWEN3_LIKE_CHAT)
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Commands configure logging for a process; leave the test session's (pytest's capture) as it was."""
+    import logging
+
+    names = ["", "tiny_audio", "huggingface_hub", "transformers", "datasets", "accelerate"]
+    saved = {
+        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names
+    }
+    yield
+    for name, (handlers, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)

@@ -23,24 +23,9 @@ from tiny_audio.model.encoder import TOWER_PREFIXES
 from tiny_audio.model.loading import build_model, resolve_model_path
 from tiny_audio.preflight import preflight
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # commands configure logging (conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_cliTestTokenValue0123456789abcdef"
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Commands configure logging for a process; leave the test session's (pytest's capture) as it was."""
-    import logging
-
-    names = ["", "tiny_audio", "huggingface_hub", "transformers", "datasets", "accelerate"]
-    saved = {
-        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names
-    }
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        logger = logging.getLogger(name)
-        logger.handlers[:], logger.propagate = handlers, propagate
-        logger.setLevel(level)
 
 
 def invoke(args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None):

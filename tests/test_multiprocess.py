@@ -19,18 +19,12 @@ from typing import Any
 
 import pytest
 
+from tests.runs import QUICK
 from tiny_audio.plot import read_run
 
 pytestmark = pytest.mark.slow  # every test starts 2-3 processes of the trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-QUICK = [
-    "data.eval=null",
-    "data.num_workers=1",
-    "tracking.mode=disabled",
-    "training.warmup_steps=2",
-    "training.logging_steps=1",
-]
 # The same samples in the same steps whatever the process count: rank r takes global indices r, r + N, ...
 SAME_ORDER = ["data.shuffle=false", "data.bucket_batches=1"]
 

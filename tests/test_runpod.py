@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.runpod_server import RunPodV2, serve_runpod_v2
+from tests.runs import QUICK
 from tiny_audio import runpod, runpod_api
 from tiny_audio.errors import UserError
 from tiny_audio.retry import RetryPolicy
@@ -365,14 +366,6 @@ def test_finished_command_exit_codes(tmp_path: Path) -> None:
 
 # --- a real (tiny) run: the price once, money beside time, a budget that ends the run as done ----------------
 
-# The shipped tiny experiment, on CPU: no evaluation, no tracker, one decode thread, a line per step.
-QUICK = [
-    "data.eval=null",
-    "tracking.mode=disabled",
-    "data.num_workers=1",
-    "training.warmup_steps=2",
-    "training.logging_steps=1",
-]
 STEP_MONEY = re.compile(r"Step (\d+)/\d+ \| .* \| ETA: \S+ \| \$([\d,.]+) of ~\$([\d,.]+) \| [\d.]+ samples/s")
 
 

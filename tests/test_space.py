@@ -22,7 +22,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.ci import unavailable
 from tests.hub_server import HubServer
+from tests.runs import QUICK
 from tiny_audio import hub, progress
 from tiny_audio.checkpoint import RESUME_DIR, verify_checkpoint
 from tiny_audio.cli import app
@@ -33,17 +35,10 @@ from tiny_audio.model.projectors.mlp import MLPProjector
 from tiny_audio.space import free_bytes
 from tiny_audio.volume import KNOWN_DOWNLOAD_BYTES, checkpoint_bytes, plan_space
 
+pytestmark = pytest.mark.usefixtures("restore_logging")  # commands configure logging (conftest.py)
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_spaceTestTokenValue0123456789abc"
 BYTES = r"\d+(\.\d)? [kMG]?B"  # as progress.format_bytes writes a size
-# Short runs of the shipped tiny experiment: no evaluation, no tracker, one decode thread.
-QUICK = [
-    "data.eval=null",
-    "tracking.mode=disabled",
-    "data.num_workers=1",
-    "training.warmup_steps=2",
-    "training.logging_steps=1",
-]
 
 
 # --- small real volumes ------------------------------------------------------------------------------------
@@ -62,10 +57,7 @@ def volume(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """`volume(megabytes, read_only=False)`: a fresh tmpfs of that size, unmounted after the test."""
     prefix = _mount_command()
     if prefix is None:
-        message = "mounting a small tmpfs needs root or passwordless sudo"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable("mounting a small tmpfs needs root or passwordless sudo")
     mounted: list[Path] = []
 
     def mount(megabytes: float, *, read_only: bool = False) -> Path:
@@ -90,20 +82,6 @@ def fill(where: Path, *, leave: int) -> Path:
 
 
 # --- the command line, in this process ---------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Commands configure logging for a process; leave the test session's (pytest's capture) as it was."""
-    names = ["", "tiny_audio", "huggingface_hub", "transformers", "datasets", "accelerate"]
-    saved = {
-        n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names
-    }
-    yield
-    for name, (handlers, propagate, level) in saved.items():
-        logger = logging.getLogger(name)
-        logger.handlers[:], logger.propagate = handlers, propagate
-        logger.setLevel(level)
 
 
 def train(output_dir: Path, *overrides: str, env: dict[str, str] | None = None):

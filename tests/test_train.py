@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from tests.runs import QUICK
 from tiny_audio.checkpoint import PROJECTOR_FILE, RESUME_DIR, read_checkpoint
 from tiny_audio.config import Config
 from tiny_audio.data import build_train_stream
@@ -32,14 +33,6 @@ from tiny_audio.step import forward_backward
 from tiny_audio.train import TrainingDiverged, cleanup, setup, train_loop
 
 ROOT = Path(__file__).resolve().parent.parent
-# Short runs of the shipped tiny experiment: no evaluation, no tracker, one decode thread.
-QUICK = [
-    "data.eval=null",
-    "tracking.mode=disabled",
-    "data.num_workers=1",
-    "training.warmup_steps=2",
-    "training.logging_steps=1",
-]
 
 
 def tiny_config(*overrides: str) -> Config:
