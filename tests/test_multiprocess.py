@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runs import QUICK  # (this file also runs as a script in each process: `tests` is no package there)
 
-from tests.runs import QUICK
 from tiny_audio.plot import read_run
 
 pytestmark = pytest.mark.slow  # every test starts 2-3 processes of the trainer
