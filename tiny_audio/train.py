@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from tiny_audio.checkpoint import CheckpointStore, resume_run, save_run
+from tiny_audio.checkpoint import CheckpointStore, RunParts, resume_run, save_run
 from tiny_audio.compile import CompileGuard
 from tiny_audio.compile import wanted as compile_wanted
 from tiny_audio.config import Config
@@ -181,16 +181,7 @@ def setup(cfg: Config, *, output_dir: Path, token: str | None, target: str | Non
 
 def resume(run: Run) -> str | None:
     """Continue from the store's latest checkpoint if there is one; returns the tracker run id to continue."""
-    state = resume_run(
-        store=run.store,
-        accelerator=run.accelerator,
-        projector=run.raw.projector,
-        optimizer=run.optimizer,
-        scheduler=run.scheduler,
-        stream=run.stream,
-        config=run.cfg.to_dict(),
-        decoder=run.raw.decoder,
-    )
+    state = resume_run(checkpoint_parts(run), config=run.cfg.to_dict())
     if state is None:
         return None
     run.step = int(state["step"])
@@ -373,16 +364,23 @@ def save(run: Run, *, final: bool) -> None:
         "health": run.watch.state_dict(),
     }
     save_run(
+        checkpoint_parts(run),
+        train_state=train_state,
+        config=config,
+        model_files=lambda d: export_model(d, model=run.raw, config=config, step=run.step, metrics=run.metrics),
+        final=final,
+    )
+
+
+def checkpoint_parts(run: Run) -> RunParts:
+    """What a checkpoint of this run saves and restores (the projector, LoRA adapters, optimizer, schedule, data)."""
+    return RunParts(
         store=run.store,
         accelerator=run.accelerator,
         projector=run.raw.projector,
         optimizer=run.optimizer,
         scheduler=run.scheduler,
         stream=run.stream,
-        train_state=train_state,
-        config=config,
-        model_files=lambda d: export_model(d, model=run.raw, config=config, step=run.step, metrics=run.metrics),
-        final=final,
         decoder=run.raw.decoder,
     )
 

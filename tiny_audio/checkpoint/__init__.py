@@ -24,7 +24,7 @@ from tiny_audio.checkpoint.format import (
     verify_checkpoint,
     write_checkpoint,
 )
-from tiny_audio.checkpoint.run_state import resume_run, save_run
+from tiny_audio.checkpoint.run_state import RunParts, resume_run, save_run
 from tiny_audio.checkpoint.store import CHECKPOINTS_DIR, CheckpointStore, find_checkpoint
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "RESUME_DIR",
     "CheckpointStore",
     "RankState",
+    "RunParts",
     "capture_rng",
     "check_compatible",
     "find_checkpoint",

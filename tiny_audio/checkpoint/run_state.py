@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,29 @@ from tiny_audio.model.sharding import gathered
 log = logging.getLogger("tiny_audio")
 
 
+@dataclass(frozen=True)
+class RunParts:
+    """The parts of a training run a checkpoint saves and restores, and where it goes (`store`)."""
+
+    store: CheckpointStore
+    accelerator: Accelerator
+    projector: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    stream: Any
+    decoder: torch.nn.Module | None = None  # its LoRA adapters, if any, are saved with the projector
+
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.projector.parameters(), *adapter_parameters(self.decoder)]
+
+
 def save_run(
+    parts: RunParts,
     *,
-    store: CheckpointStore,
-    accelerator: Accelerator,
-    projector: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    stream: Any,
     train_state: dict[str, Any],
     config: dict[str, Any],
     model_files: Callable[[Path], None],
     final: bool,
-    decoder: torch.nn.Module | None = None,
 ) -> Path | None:
     """Write the checkpoint of `train_state["step"]` and queue its upload; the local folder (main process) or None.
 
@@ -46,9 +57,9 @@ def save_run(
     gathered to the main process, which writes the one checkpoint. Under ZeRO-3 the projector's weights are
     gathered from every rank's slice first (the files are written inside that block).
     """
-    acc = accelerator
-    with gathered([*projector.parameters(), *adapter_parameters(decoder)]):
-        mine = RankState(rng=capture_rng(), data=stream.state_dict())
+    acc, optimizer = parts.accelerator, parts.optimizer
+    with gathered(parts.trained_parameters()):
+        mine = RankState(rng=capture_rng(), data=parts.stream.state_dict())
         ranks = gather_object([mine]) if acc.num_processes > 1 else [mine]
         optimizer_state: dict[str, Any] | None = None
         if uses_deepspeed(acc):
@@ -60,54 +71,45 @@ def save_run(
         def write(directory: Path) -> None:
             write_checkpoint(
                 directory,
-                projector=projector,
+                projector=parts.projector,
                 optimizer=optimizer,
-                scheduler=scheduler,
+                scheduler=parts.scheduler,
                 train_state=train_state,
                 data_state=ranks[0].data,
                 config=config,
                 ranks=ranks,
                 optimizer_state=optimizer_state,
-                decoder=decoder,
+                decoder=parts.decoder,
             )
 
         step = int(train_state["step"])
-        path = store.save(step=step, write=write, model_files=model_files, final=final)
+        path = parts.store.save(step=step, write=write, model_files=model_files, final=final)
     log.info("checkpoint step %d saved to %s", step, path)
     return path
 
 
-def resume_run(
-    *,
-    store: CheckpointStore,
-    accelerator: Accelerator,
-    projector: torch.nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    stream: Any,
-    config: dict[str, Any],
-    decoder: torch.nn.Module | None = None,
-) -> dict[str, Any] | None:
+def resume_run(parts: RunParts, *, config: dict[str, Any]) -> dict[str, Any] | None:
     """Restore everything from the store's newest checkpoint, on every rank; its train state (None: no checkpoint)."""
-    directory = find_checkpoint(store, accelerator)
+    acc = parts.accelerator
+    directory = find_checkpoint(parts.store, acc)
     if directory is None:
         log.info("no checkpoint found: starting a fresh run")
         return None
-    deepspeed = uses_deepspeed(accelerator)
+    deepspeed = uses_deepspeed(acc)
     # (under ZeRO-3 every rank reads the same weights into the gathered projector; rank 0's copy is re-sharded)
-    with gathered([*projector.parameters(), *adapter_parameters(decoder)], modifier_rank=0):
+    with gathered(parts.trained_parameters(), modifier_rank=0):
         train_state, data_state = read_checkpoint(
             directory,
-            projector=projector,
-            optimizer=None if deepspeed else optimizer,
-            scheduler=scheduler,
+            projector=parts.projector,
+            optimizer=None if deepspeed else parts.optimizer,
+            scheduler=parts.scheduler,
             config=config,
-            rank=accelerator.process_index,
-            decoder=decoder,
+            rank=acc.process_index,
+            decoder=parts.decoder,
         )
     if deepspeed:
-        load_deepspeed_optimizer(optimizer, directory, processes=accelerator.num_processes)
-    stream.load_state_dict(data_state)
+        load_deepspeed_optimizer(parts.optimizer, directory, processes=acc.num_processes)
+    parts.stream.load_state_dict(data_state)
     log.info("resumed from %s at step %d", directory, int(train_state["step"]))
     return train_state
 
